@@ -1,0 +1,5 @@
+"""``python -m droidpool``: the command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,360 @@
+"""Typed, frozen configuration: defaults < droidpool.toml < DROIDPOOL_* environment < CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "DROIDPOOL_"
+
+PERMISSION_OPTIONS = ("cancel", "proceed_once", "proceed_always")
+AUTONOMY_LEVELS = ("off", "low", "medium", "high")
+REASONING_EFFORTS = ("none", "dynamic", "off", "minimal", "low", "medium", "high", "xhigh", "max")
+
+# Every tool id droid 0.225.2 reports from droid.list_tools (tool ids, not LLM names).
+# Disabling all of them makes droid send upstream requests with no `tools` key: plain chat.
+ALL_TOOL_IDS = (
+    "ask-user", "create-cli", "dismiss-handoff-items", "edit-cli", "end-feature-run",
+    "execute-cli", "exit-spec-mode", "glob-search-cli", "grep_tool_cli", "loop-cli", "ls-cli",
+    "propose-mission", "read-cli", "skill", "stage_settings_changes", "start-mission-run",
+    "task-cli", "task-output-cli", "task-stop-cli", "todo_write", "tool-search-cli",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and its source."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = field(default="127.0.0.1", metadata={"doc": "Address to listen on."})
+    port: int = field(default=8765, metadata={"doc": "TCP port to listen on."})
+    allow_non_loopback: bool = field(
+        default=False,
+        metadata={"doc": "Allow listening on a non-loopback address (droid can act on this host)."},
+    )
+    state_dir: str = field(
+        default="~/.local/state/droidpool",
+        metadata={"doc": "Where the session store and the workers' working directory live."},
+    )
+    max_body_bytes: int = field(
+        default=4 * 1024 * 1024, metadata={"doc": "Largest request body accepted, in bytes."}
+    )
+    keepalive_s: float = field(
+        default=10.0,
+        metadata={"doc": "Seconds of droid silence before an SSE keep-alive comment is sent."},
+    )
+    log_level: str = field(default="info", metadata={"doc": "debug, info, warning or error."})
+
+
+@dataclass(frozen=True)
+class DroidConfig:
+    binary: str = field(
+        default="droid", metadata={"doc": "Path to the droid executable (or a name on PATH)."}
+    )
+    cwd: str = field(
+        default="",
+        metadata={"doc": "Working directory of the workers; empty = <state_dir>/work."},
+    )
+    home: str = field(
+        default="",
+        metadata={"doc": "HOME of the workers (holds ~/.factory); empty = inherit."},
+    )
+    log_file: str = field(
+        default="/dev/null",
+        metadata={"doc": "FACTORY_LOG_FILE for the workers; droid's own log grows ~100 KB a run."},
+    )
+    airgap: bool = field(
+        default=False,
+        metadata={
+            "doc": "Set FACTORY_AIRGAP_ENABLED=1: offline BYOK only, Factory-hosted models refused."
+        },
+    )
+    env: Mapping[str, str] = field(
+        default_factory=dict,
+        metadata={"doc": "Extra environment variables for the workers (never logged)."},
+    )
+    autonomy: str = field(
+        default="off",
+        metadata={"doc": "droid autonomy level: off (read-only), low, medium or high."},
+    )
+    enabled_tools: tuple[str, ...] = field(
+        default=(),
+        metadata={"doc": "droid tool ids left enabled; empty = plain chat with no tools."},
+    )
+    permission_policy: str = field(
+        default="cancel",
+        metadata={"doc": "Answer to droid's permission requests: cancel, proceed_once or proceed_always."},
+    )
+    machine_id: str = field(
+        default="droidpool", metadata={"doc": "machineId sent to droid.initialize_session."}
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    spares: int = 1
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    max_workers: int = field(
+        default=4, metadata={"doc": "Hard cap on droid processes, starting and stopping included."}
+    )
+    models: tuple[ModelSpec, ...] = field(
+        default=(),
+        metadata={
+            "doc": "Models to keep warm: [{id = \"custom:my-model\", spares = 1}]; "
+            "empty = one spare of droid's default model."
+        },
+    )
+    queue_size: int = field(
+        default=32, metadata={"doc": "Requests that may wait for a worker before 429s."}
+    )
+    queue_timeout_s: float = field(
+        default=30.0, metadata={"doc": "Longest wait for a worker before a 429."}
+    )
+    spawn_timeout_s: float = field(
+        default=20.0, metadata={"doc": "Deadline for a worker to start and initialize."}
+    )
+    stop_grace_s: float = field(
+        default=3.0, metadata={"doc": "SIGTERM to SIGKILL grace when stopping a worker."}
+    )
+    max_event_line_bytes: int = field(
+        default=8 * 1024 * 1024,
+        metadata={"doc": "Longest line accepted from droid's stdout; a longer one is skipped and logged."},
+    )
+
+
+@dataclass(frozen=True)
+class DeadlineConfig:
+    first_token_s: float = field(
+        default=120.0, metadata={"doc": "Deadline for the first token of a turn."}
+    )
+    turn_s: float = field(default=900.0, metadata={"doc": "Deadline for a whole turn."})
+    interrupt_grace_s: float = field(
+        default=3.0,
+        metadata={"doc": "After an interrupt, how long a turn may take to stop before a kill."},
+    )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = field(
+        default="", metadata={"doc": "SQLite session store; empty = <state_dir>/sessions.db."}
+    )
+    session_ttl_s: float = field(
+        default=86400.0, metadata={"doc": "Sessions idle longer than this expire."}
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    droid: DroidConfig = field(default_factory=DroidConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.server.state_dir).expanduser()
+
+    @property
+    def worker_cwd(self) -> Path:
+        return Path(self.droid.cwd).expanduser() if self.droid.cwd else self.state_dir / "work"
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.store.path).expanduser() if self.store.path else self.state_dir / "sessions.db"
+
+
+SECTIONS: dict[str, type[Any]] = {
+    f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)
+}
+
+
+def load(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the config from its four layers; ``overrides`` keys are ``section.key``."""
+    layers: list[tuple[str, dict[str, dict[str, Any]]]] = []
+    if path is not None:
+        layers.append((str(path), _read_toml(path)))
+    layers.append(("environment", _from_environ(os.environ if environ is None else environ)))
+    if overrides:
+        layers.append(("command line", _nest(overrides, "command line")))
+    merged: dict[str, dict[str, tuple[Any, str]]] = {}
+    for source, layer in layers:
+        for section, values in layer.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"{source}: unknown section [{section}]")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: [{section}] must be a table")
+            for key, value in values.items():
+                merged.setdefault(section, {})[key] = (value, source)
+    built = {name: _build_section(name, cls, merged.get(name, {})) for name, cls in SECTIONS.items()}
+    config = Config(**built)
+    _check(config, {s: {k: src for k, (_, src) in v.items()} for s, v in merged.items()})
+    return config
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """``DROIDPOOL_POOL_MAX_WORKERS=8`` → ``{"pool": {"max_workers": 8}}``; values read as TOML."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("_")
+        if section not in SECTIONS or not key:
+            continue
+        out.setdefault(section, {})[key] = _parse_scalar(raw)
+    return out
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _nest(flat: Mapping[str, Any], source: str) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for dotted, value in flat.items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ConfigError(f"{source}: override {dotted!r} must be section.key")
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def _build_section(name: str, cls: type[Any], values: dict[str, tuple[Any, str]]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, (value, source) in values.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {name}.{key}")
+        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}", source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {key} must be {expected}, got {value!r}")
+
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail("true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail("an integer")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise fail("a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise fail("a string")
+    if origin is tuple:
+        (item_hint, _) = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            raise fail("a list")
+        return tuple(_coerce(v, item_hint, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if origin in (Mapping, dict) or hint is Mapping:
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise fail("a table of strings")
+        return types.MappingProxyType(dict(value))
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if not isinstance(value, dict):
+            raise fail("a table")
+        fields = typing.get_type_hints(hint)
+        unknown = set(value) - set(fields)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key {key}.{sorted(unknown)[0]}")
+        if "id" in fields and "id" not in value:
+            raise ConfigError(f"{source}: {key} needs an id")
+        return hint(**{k: _coerce(v, fields[k], f"{key}.{k}", source) for k, v in value.items()})
+    raise fail(str(hint))  # pragma: no cover - every field type is handled above
+
+
+def _check(config: Config, sources: dict[str, dict[str, str]]) -> None:
+    def source(section: str, key: str) -> str:
+        return sources.get(section, {}).get(key, "defaults")
+
+    def require(ok: bool, section: str, key: str, expected: str) -> None:
+        if not ok:
+            value = getattr(getattr(config, section), key)
+            raise ConfigError(f"{source(section, key)}: {section}.{key} must be {expected}, got {value!r}")
+
+    s, d, p, t = config.server, config.droid, config.pool, config.deadlines
+    require(0 <= s.port <= 65535, "server", "port", "between 0 and 65535")
+    require(s.max_body_bytes >= 1024, "server", "max_body_bytes", "at least 1024")
+    require(s.keepalive_s > 0, "server", "keepalive_s", "positive")
+    require(s.log_level in ("debug", "info", "warning", "error"), "server", "log_level",
+            "one of debug, info, warning, error")
+    require(d.autonomy in AUTONOMY_LEVELS, "droid", "autonomy", f"one of {', '.join(AUTONOMY_LEVELS)}")
+    require(d.permission_policy in PERMISSION_OPTIONS, "droid", "permission_policy",
+            f"one of {', '.join(PERMISSION_OPTIONS)}")
+    require(bool(d.binary), "droid", "binary", "a path or command name")
+    require(p.max_workers >= 1, "pool", "max_workers", "at least 1")
+    require(p.queue_size >= 0, "pool", "queue_size", "0 or more")
+    require(p.queue_timeout_s > 0, "pool", "queue_timeout_s", "positive")
+    require(p.spawn_timeout_s > 0, "pool", "spawn_timeout_s", "positive")
+    require(p.stop_grace_s >= 0, "pool", "stop_grace_s", "0 or more")
+    require(p.max_event_line_bytes >= 64 * 1024, "pool", "max_event_line_bytes", "at least 65536")
+    require(all(m.spares >= 0 and m.id for m in p.models), "pool", "models",
+            "entries with a non-empty id and spares >= 0")
+    require(sum(m.spares for m in p.models) <= p.max_workers, "pool", "models",
+            "spares that fit within pool.max_workers")
+    require(t.first_token_s > 0, "deadlines", "first_token_s", "positive")
+    require(t.turn_s > 0, "deadlines", "turn_s", "positive")
+    require(t.interrupt_grace_s > 0, "deadlines", "interrupt_grace_s", "positive")
+    require(config.store.session_ttl_s > 0, "store", "session_ttl_s", "positive")
+    if not s.allow_non_loopback and not _is_loopback(s.host):
+        raise ConfigError(
+            f"{source('server', 'host')}: server.host {s.host!r} is not a loopback address; droid "
+            "can read files and run commands on this host, so set server.allow_non_loopback = true "
+            "only behind authentication you trust"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def field_docs(cls: type[Any]) -> dict[str, str]:
+    return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)}

@@ -1,0 +1,232 @@
+"""The aiohttp application: OpenAI-compatible routes, the error envelope, request ids."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from . import errors
+from .chat import ChatService, Turn
+from .openai import ChatRequest, Fold, parse_chat_request
+from .pool import Pool
+from .sse import SSE_HEADERS, SSEWriter
+from .store import SessionStore
+
+log = structlog.get_logger(__name__)
+
+CHAT: web.AppKey[ChatService] = web.AppKey("chat", ChatService)
+POOL: web.AppKey[Pool] = web.AppKey("pool", Pool)
+STORE: web.AppKey[SessionStore] = web.AppKey("store", SessionStore)
+KEEPALIVE_S: web.AppKey[float] = web.AppKey("keepalive_s", float)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(error: errors.DroidpoolError) -> web.Response:
+    return json_response(error.body(), error.status, error.headers())
+
+
+_HTTP_ERRORS: dict[int, type[errors.DroidpoolError]] = {
+    404: errors.NotFound,
+    405: errors.MethodNotAllowed,
+    413: errors.PayloadTooLarge,
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves in the OpenAI envelope; no traceback ever reaches a client."""
+    request_id = request.headers.get("X-Request-Id", "")[:128] or uuid.uuid4().hex
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    request["request_id"] = request_id
+    try:
+        try:
+            response = await handler(request)
+        except errors.DroidpoolError as exc:
+            response = error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            kind = _HTTP_ERRORS.get(exc.status, errors.InvalidRequest)
+            message = exc.reason if exc.status != 404 else f"No route for {request.method} {request.path}."
+            if exc.status == 413:
+                message = f"The request body is larger than the limit of {request.app._client_max_size} bytes."
+            response = json_response(errors.DroidpoolError.body(kind(message)), exc.status)
+        except Exception:
+            log.exception("http.unhandled_error", path=request.path)
+            response = error_response(errors.InternalError("Internal error; see the droidpool log."))
+        if not response.prepared:
+            response.headers["X-Request-Id"] = request_id
+        return response
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id")
+
+
+async def read_json(request: web.Request) -> Any:
+    raw = await request.read()
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise errors.InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+
+
+# --- chat completions ----------------------------------------------------------------------
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    chat = request.app[CHAT]
+    started = time.monotonic()
+    body = await read_json(request)
+    chat_request = parse_chat_request(body, request.headers.get("X-Session-Id") or None)
+    fold = Fold(f"chatcmpl-{uuid.uuid4().hex[:24]}", chat_request.model)
+    status = "ok"
+    session_id = None
+    try:
+        async with chat.turn(chat_request) as turn:
+            session_id = turn.session_id
+            headers = _turn_headers(request, turn, chat_request)
+            if chat_request.stream:
+                return await _stream(request, chat, chat_request, turn, fold, headers)
+            async for event in turn.events(request.app[KEEPALIVE_S]):
+                if event is not None:
+                    fold.feed(event)
+            failure = fold.failure()
+            if failure is not None:
+                status = failure.type
+                response = error_response(failure)
+                response.headers.update(headers)
+                return response
+            await chat.record(turn, chat_request, fold.text, fold.usage)
+            return json_response(fold.completion(), headers=headers)
+    except errors.DroidpoolError as exc:
+        status = exc.type
+        raise
+    except ConnectionResetError:
+        status = "client_disconnected"
+        raise
+    finally:
+        log.info(
+            "chat.completion",
+            model=chat_request.model,
+            session=session_id,
+            stream=chat_request.stream,
+            status=status,
+            duration_s=round(time.monotonic() - started, 4),
+            prompt_tokens=fold.usage.input_tokens,
+            completion_tokens=fold.usage.output_tokens,
+        )
+
+
+def _turn_headers(request: web.Request, turn: Turn, chat_request: ChatRequest) -> dict[str, str]:
+    headers = {"X-Session-Id": turn.session_id}
+    if chat_request.ignored:
+        headers["X-Droidpool-Ignored-Params"] = ",".join(chat_request.ignored)
+    return headers
+
+
+async def _stream(
+    request: web.Request,
+    chat: ChatService,
+    chat_request: ChatRequest,
+    turn: Turn,
+    fold: Fold,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+    response.headers["X-Request-Id"] = request["request_id"]
+    await response.prepare(request)
+    sse = SSEWriter(response)
+    await sse.send(fold.chunk({"role": "assistant", "content": ""}))
+    try:
+        async for event in turn.events(request.app[KEEPALIVE_S]):
+            if event is None:
+                await sse.keepalive()
+                continue
+            for delta in fold.feed(event):
+                await sse.send(fold.chunk(delta))
+        failure = fold.failure()
+        if failure is not None:
+            await sse.send(failure.body())
+        else:
+            await chat.record(turn, chat_request, fold.text, fold.usage)
+            await sse.send(fold.chunk({}, finish_reason="stop"))
+            if chat_request.include_usage:
+                await sse.send(fold.usage_chunk())
+    except errors.DroidpoolError as exc:
+        # The 200 is already sent: the error goes in-band, then the stream ends normally.
+        await sse.send(exc.body())
+    await sse.done()
+    await response.write_eof()
+    return response
+
+
+# --- models, health, sessions ---------------------------------------------------------------
+
+
+async def list_models(request: web.Request) -> web.Response:
+    data = [
+        {"id": m["id"], "object": "model", "created": 0, "owned_by": "droid"}
+        for m in request.app[CHAT].models()
+    ]
+    return json_response({"object": "list", "data": data})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    pool = request.app[POOL]
+    body = {"ready": pool.ready, "workers": pool.counts(), "max_workers": pool.max_workers}
+    if not pool.ready:
+        body["cause"] = pool.last_spawn_error or "shutting down"
+    return json_response(body, 200 if pool.ready else 503)
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    records = await request.app[STORE].list()
+    return json_response({"object": "list", "data": [r.public() for r in records]})
+
+
+async def get_session(request: web.Request) -> web.Response:
+    record = await request.app[STORE].get(request.match_info["session_id"])
+    if record is None:
+        raise errors.SessionNotFound(f"No session {request.match_info['session_id']!r}.")
+    return json_response(record.public())
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    session_id = request.match_info["session_id"]
+    pool = request.app[POOL]
+    async with pool.session_lock(session_id):
+        if not await request.app[STORE].delete(session_id):
+            raise errors.SessionNotFound(f"No session {session_id!r}.")
+    return json_response({"id": session_id, "object": "droidpool.session", "deleted": True})
+
+
+def build_app(chat: ChatService, pool: Pool, store: SessionStore, *, max_body_bytes: int, keepalive_s: float) -> web.Application:
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[error_middleware])
+    app[CHAT] = chat
+    app[POOL] = pool
+    app[STORE] = store
+    app[KEEPALIVE_S] = keepalive_s
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/sessions", list_sessions)
+    app.router.add_get("/v1/sessions/{session_id}", get_session)
+    app.router.add_delete("/v1/sessions/{session_id}", delete_session)
+    return app

@@ -1,0 +1,445 @@
+"""The worker pool: warm spares, session-bound workers, bounded admission, leases that always end."""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+
+from . import errors
+from .config import ModelSpec
+from .worker import DroidRequestError, LaunchSpec, SessionSettings, Worker, WorkerState
+
+log = structlog.get_logger(__name__)
+
+SESSION_NOT_FOUND = -32004
+MAX_CONCURRENT_SPAWNS = 2  # on 2 cores, a stampede of spawns delays every one of them
+BACKOFF_MAX_S = 30.0
+NOT_READY_AFTER_FAILURES = 3
+
+
+# --- the decision, pure ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    id: int
+    state: WorkerState
+    model_id: str | None
+    session_id: str | None
+    last_used: float
+    settings: SessionSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Want:
+    """What a request needs: to continue ``session_id``, or a new session with ``settings``."""
+
+    settings: SessionSettings
+    session_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """``take`` a worker, optionally after ``evict``ing one; ``spawn`` a new one; or ``wait``."""
+
+    action: str  # "take" | "spawn" | "wait"
+    worker_id: int | None = None
+    evict_id: int | None = None
+
+
+def assign(workers: Sequence[WorkerView], want: Want, max_workers: int) -> Assignment:
+    """Choose a worker for a request; never exceeds ``max_workers`` live processes.
+
+    Continuing a session: the worker that holds it; else load it into the least recently
+    used idle worker, else a spare, else a new process. A new session: a spare with the same
+    settings, else any spare (re-initialized: it has run no turn), else a new process.
+    At the cap, the least recently used idle session worker is evicted to make room.
+    """
+    live = [w for w in workers if w.state is not WorkerState.DEAD]
+    idle = sorted((w for w in live if w.state is WorkerState.IDLE), key=lambda w: w.last_used)
+    spares = [w for w in live if w.state is WorkerState.READY]
+    if want.session_id is not None:
+        for w in idle:
+            if w.session_id == want.session_id:
+                return Assignment("take", w.id)
+        if idle:
+            return Assignment("take", idle[0].id)
+        if spares:
+            return Assignment("take", _best_spare(spares, want.settings).id)
+    else:
+        if spares:
+            return Assignment("take", _best_spare(spares, want.settings).id)
+    if len(live) < max_workers:
+        return Assignment("spawn")
+    if idle:
+        return Assignment("spawn", evict_id=idle[0].id)
+    return Assignment("wait")
+
+
+def _best_spare(spares: Sequence[WorkerView], settings: SessionSettings) -> WorkerView:
+    for w in spares:
+        if w.settings == settings:
+            return w
+    for w in spares:
+        if w.model_id == settings.model_id:
+            return w
+    return spares[0]
+
+
+def spares_to_start(
+    workers: Sequence[WorkerView], specs: Sequence[ModelSpec], max_workers: int, in_flight: int
+) -> list[str]:
+    """Model ids of the spares to spawn now so each model has its configured spares."""
+    live = [w for w in workers if w.state is not WorkerState.DEAD]
+    room = min(max_workers - len(live), MAX_CONCURRENT_SPAWNS - in_flight)
+    out: list[str] = []
+    for spec in specs:
+        have = sum(
+            1 for w in live
+            if w.model_id == spec.id and w.state in (WorkerState.READY, WorkerState.STARTING)
+        )
+        out.extend([spec.id] * max(0, spec.spares - have))
+    return out[: max(0, room)]
+
+
+# --- the pool --------------------------------------------------------------------------------
+
+
+class Pool:
+    """Owns every worker. ``async with pool:`` runs it; ``async with pool.lease(...)`` borrows one."""
+
+    def __init__(
+        self,
+        spec: LaunchSpec,
+        *,
+        base_settings: SessionSettings,
+        models: Sequence[ModelSpec],
+        max_workers: int,
+        queue_size: int,
+        queue_timeout_s: float,
+        spawn_timeout_s: float,
+        worker_factory: Callable[[LaunchSpec, str | None], Worker] = Worker,
+    ) -> None:
+        self.spec = spec
+        self.base_settings = base_settings
+        self.model_specs = tuple(models)
+        self.max_workers = max_workers
+        self.queue_size = queue_size
+        self.queue_timeout_s = queue_timeout_s
+        self.spawn_timeout_s = spawn_timeout_s
+        self._factory = worker_factory
+        self.workers: list[Worker] = []
+        self.available_models: list[dict[str, Any]] = []
+        self._waiters: collections.deque[anyio.Event] = collections.deque()
+        self._session_locks: dict[str, tuple[anyio.Lock, int]] = {}
+        self._spawning = 0
+        self._wake_reconcile = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._closing = False
+        self.spawn_failures = 0
+        self.last_spawn_error: str | None = None
+        self._backoff_until = 0.0
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    def __repr__(self) -> str:
+        states = collections.Counter(w.state.value for w in self.workers)
+        parts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+        return f"<Pool [{parts or 'empty'}, {len(self._waiters)} queued] cap={self.max_workers}>"
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Pool:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._reconcile_loop)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._closing = True
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as stops:
+                for worker in list(self.workers):
+                    stops.start_soon(worker.stop)
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        await self._tg.__aexit__(None, None, None)
+        self.workers.clear()
+
+    @property
+    def ready(self) -> bool:
+        """Can serve: not in a spawn-failure streak, and something is or can be made available."""
+        return self.spawn_failures < NOT_READY_AFTER_FAILURES and not self._closing
+
+    def views(self) -> list[WorkerView]:
+        return [
+            WorkerView(w.id, w.state, w.model_id, w.session_id, w.last_used, w.settings)
+            for w in self.workers
+        ]
+
+    def counts(self) -> dict[str, int]:
+        states = collections.Counter(w.state.value for w in self.workers)
+        return {s.value: states.get(s.value, 0) for s in WorkerState} | {"queued": len(self._waiters)}
+
+    async def wait_warm(self, timeout: float) -> bool:
+        """Wait until the configured spares are ready (for readiness notification)."""
+        want = sum(m.spares for m in self._effective_specs())
+        with anyio.move_on_after(timeout):
+            while sum(1 for w in self.workers if w.state is WorkerState.READY) < want:
+                if self.spawn_failures >= NOT_READY_AFTER_FAILURES:
+                    return False
+                await anyio.sleep(0.05)
+            return True
+        return False
+
+    # --- leasing -----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def session_lock(self, session_id: str) -> AsyncIterator[None]:
+        """Serialize everything done to one droid session."""
+        lock, users = self._session_locks.get(session_id, (anyio.Lock(), 0))
+        self._session_locks[session_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._session_locks[session_id]
+            if users <= 1:
+                del self._session_locks[session_id]
+            else:
+                self._session_locks[session_id] = (lock, users - 1)
+
+    @asynccontextmanager
+    async def lease(self, want: Want) -> AsyncIterator[Worker]:
+        """A worker holding ``want``'s session (loaded or new), BUSY until the block ends."""
+        worker = await self._acquire(want)
+        try:
+            yield worker
+        finally:
+            self._release(worker)
+
+    async def _acquire(self, want: Want) -> Worker:
+        """Assign a worker now, or wait in a bounded FIFO queue until one frees up."""
+        if self._closing:
+            raise errors.Unavailable("droidpool is shutting down", retry_after=5)
+        deadline = time.monotonic() + self.queue_timeout_s
+        ticket: anyio.Event | None = None
+        head = False  # a woken waiter decides before newcomers
+        try:
+            while True:
+                decision = Assignment("wait")
+                if head or not self._waiters:
+                    decision = assign(self.views(), want, self.max_workers)
+                if decision.action != "wait":
+                    worker = await self._apply(decision, want)
+                    if worker is not None:
+                        return worker
+                    continue
+                if ticket is None and len(self._waiters) >= self.queue_size:
+                    self.counters["rejected_queue_full"] += 1
+                    raise errors.Overloaded(
+                        f"all {self.max_workers} droid workers are busy and the wait queue is full",
+                        retry_after=2,
+                    )
+                ticket = anyio.Event()
+                (self._waiters.appendleft if head else self._waiters.append)(ticket)
+                with anyio.move_on_after(deadline - time.monotonic()):
+                    await ticket.wait()
+                if not ticket.is_set():
+                    self.counters["rejected_queue_timeout"] += 1
+                    raise errors.Overloaded(
+                        f"no droid worker became free within {self.queue_timeout_s:g} s", retry_after=5
+                    )
+                head = True
+        finally:
+            if ticket is not None and ticket in self._waiters:
+                self._waiters.remove(ticket)
+            if head:
+                self._wake_one()  # pass the turn on if this waiter leaves without a worker
+
+    async def _apply(self, decision: Assignment, want: Want) -> Worker | None:
+        """Carry out a decision; None means the world changed meanwhile: decide again."""
+        if decision.evict_id is not None:
+            victim = self._by_id(decision.evict_id)
+            if victim is None or victim.state is not WorkerState.IDLE:
+                return None
+            self.counters["evictions"] += 1
+            log.info("pool.evict", worker=victim.id, session=victim.session_id)
+            await self._stop(victim)
+        if decision.action == "take":
+            worker = self._by_id(decision.worker_id)
+            if worker is None or worker.state not in (WorkerState.READY, WorkerState.IDLE):
+                return None
+            was_spare = worker.state is WorkerState.READY
+            worker.state = WorkerState.BUSY
+            if was_spare:
+                self._kick()
+            try:
+                await self._prepare(worker, want)
+            except BaseException:
+                await self._discard(worker)
+                raise
+            return worker
+        # spawn
+        self._check_backoff()
+        worker = self._new_worker(want.settings.model_id)
+        worker.state = WorkerState.BUSY
+        self.workers.append(worker)
+        try:
+            await self._spawn(worker)
+            await self._prepare(worker, want)
+        except BaseException:
+            await self._discard(worker)
+            raise
+        return worker
+
+    async def _prepare(self, worker: Worker, want: Want) -> None:
+        try:
+            if want.session_id is not None:
+                if worker.session_id != want.session_id:
+                    await worker.load_session(want.session_id, self.spawn_timeout_s)
+                    self.counters["session_loads"] += 1
+                if want.settings.model_id and worker.model_id != want.settings.model_id:
+                    await worker.set_model(want.settings.model_id)
+                if want.settings.reasoning_effort:
+                    await worker.set_reasoning_effort(want.settings.reasoning_effort)
+            elif worker.settings != want.settings or worker.session_id is None:
+                # Safe only because this process has run no turn (droid leaks old context).
+                await worker.initialize(want.settings, self.spawn_timeout_s)
+            self._remember_models(worker)
+        except DroidRequestError as exc:
+            if exc.code == SESSION_NOT_FOUND:
+                raise errors.SessionNotFound(f"droid has no session {want.session_id}") from None
+            raise errors.UpstreamError(f"droid refused {exc.method}: {exc.droid_message}") from None
+
+    def _release(self, worker: Worker) -> None:
+        if worker.state is WorkerState.BUSY:
+            worker.state = WorkerState.IDLE if worker.turns else WorkerState.READY
+        worker.last_used = time.monotonic()
+        self._prune()
+        self._wake_one()
+        self._kick()
+
+    async def _spawn(self, worker: Worker) -> None:
+        """Start a process and wait until it answers; failures feed the backoff."""
+        assert self._tg is not None
+        self._spawning += 1
+        self.counters["spawns"] += 1
+        try:
+            await worker.start(self._tg)
+            with anyio.fail_after(self.spawn_timeout_s):
+                models = await worker.list_models(self.spawn_timeout_s)
+            if models:
+                self.available_models = models
+        except (errors.DroidpoolError, DroidRequestError, TimeoutError) as exc:
+            self.spawn_failures += 1
+            self.counters["spawn_failures"] += 1
+            message = str(exc) if not isinstance(exc, TimeoutError) else (
+                f"droid did not answer within {self.spawn_timeout_s:g} s of starting"
+            )
+            tail = worker.stderr_tail(300)
+            self.last_spawn_error = message if not tail or tail in message else f"{message}: {tail}"
+            self._backoff_until = time.monotonic() + min(BACKOFF_MAX_S, 0.5 * 2**self.spawn_failures)
+            log.error("pool.spawn_failed", worker=worker.id, error=self.last_spawn_error, failures=self.spawn_failures)
+            raise errors.Unavailable(f"cannot start a droid worker: {self.last_spawn_error}", retry_after=5) from None
+        finally:
+            self._spawning -= 1
+        self.spawn_failures = 0
+        self.last_spawn_error = None
+
+    def _check_backoff(self) -> None:
+        if time.monotonic() < self._backoff_until:
+            raise errors.Unavailable(
+                f"droid workers are failing to start: {self.last_spawn_error}",
+                retry_after=self._backoff_until - time.monotonic(),
+            )
+
+    async def _discard(self, worker: Worker) -> None:
+        with anyio.CancelScope(shield=True):
+            await worker.stop()
+        self._prune()
+        self._wake_one()
+        self._kick()
+
+    async def _stop(self, worker: Worker) -> None:
+        await worker.stop()
+        self._prune()
+
+    def _new_worker(self, model_id: str | None) -> Worker:
+        worker = self._factory(self.spec, model_id)
+        worker.on_exit = self._on_worker_exit
+        return worker
+
+    def _on_worker_exit(self, worker: Worker) -> None:
+        if worker.state is not WorkerState.STOPPING and not self._closing:
+            self.counters["crashes"] += 1
+        self._kick()
+        self._wake_one()
+
+    def _remember_models(self, worker: Worker) -> None:
+        if worker.available_models:
+            self.available_models = worker.available_models
+
+    def _by_id(self, worker_id: int | None) -> Worker | None:
+        return next((w for w in self.workers if w.id == worker_id), None)
+
+    def _prune(self) -> None:
+        self.workers = [w for w in self.workers if w.state is not WorkerState.DEAD]
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            event = self._waiters.popleft()
+            if not event.is_set():
+                event.set()
+                return
+
+    def _kick(self) -> None:
+        self._wake_reconcile.set()
+
+    # --- spares ------------------------------------------------------------------------------
+
+    def _effective_specs(self) -> tuple[ModelSpec, ...]:
+        if self.model_specs:
+            return self.model_specs
+        return (ModelSpec(id=self.base_settings.model_id or "", spares=1),)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            self._prune()
+            if not self._closing and time.monotonic() >= self._backoff_until:
+                views = self.views()
+                for model_id in spares_to_start(views, self._effective_specs(), self.max_workers, self._spawning):
+                    assert self._tg is not None
+                    worker = self._new_worker(model_id or None)
+                    self.workers.append(worker)
+                    self._tg.start_soon(self._start_spare, worker)
+            with anyio.move_on_after(1.0):
+                await self._wake_reconcile.wait()
+            self._wake_reconcile = anyio.Event()
+
+    async def _start_spare(self, worker: Worker) -> None:
+        settings = self.base_settings
+        if worker.model_id is not None:
+            settings = SessionSettings(
+                worker.model_id, settings.system_prompt, settings.reasoning_effort,
+                settings.autonomy, settings.disabled_tool_ids,
+            )
+        try:
+            await self._spawn(worker)
+            await worker.initialize(settings, self.spawn_timeout_s)
+            self._remember_models(worker)
+        except (errors.DroidpoolError, DroidRequestError, TimeoutError) as exc:
+            log.warning("pool.spare_failed", worker=worker.id, error=str(exc))
+            await self._discard(worker)
+            return
+        if worker.state is WorkerState.STARTING:
+            worker.state = WorkerState.READY
+            log.info("pool.spare_ready", worker=worker.id, pid=worker.pid, model=worker.model_id)
+        self._wake_one()

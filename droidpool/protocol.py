@@ -1,0 +1,208 @@
+"""droid's stream-jsonrpc protocol: request envelopes out, typed messages and turn events in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+API_VERSION = "1.0.0"
+
+
+def encode_request(request_id: str, method: str, params: dict[str, Any]) -> bytes:
+    """One request line; droid refuses envelopes without ``type`` and ``factoryApiVersion``."""
+    return orjson.dumps(
+        {
+            "jsonrpc": "2.0",
+            "factoryApiVersion": API_VERSION,
+            "type": "request",
+            "id": request_id,
+            "method": method,
+            "params": params,
+        }
+    ) + b"\n"
+
+
+def encode_response(request_id: Any, result: dict[str, Any]) -> bytes:
+    """Our answer to a request droid sent us (``droid.request_permission``, ``droid.ask_user``)."""
+    return orjson.dumps(
+        {
+            "jsonrpc": "2.0",
+            "factoryApiVersion": API_VERSION,
+            "type": "response",
+            "id": request_id,
+            "result": result,
+        }
+    ) + b"\n"
+
+
+class ProtocolError(ValueError):
+    """A stdout line that is not a droid JSON-RPC message."""
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    id: Any
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerRequest:
+    id: Any
+    method: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    session_id: str | None
+    kind: str
+    payload: dict[str, Any]
+
+
+Message = Response | ServerRequest | Notification
+
+
+def parse_line(line: bytes) -> Message:
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("not a JSON object")
+    kind = obj.get("type")
+    if kind == "response":
+        result, error = obj.get("result"), obj.get("error")
+        return Response(
+            obj.get("id"),
+            result if isinstance(result, dict) else None,
+            error if isinstance(error, dict) else None,
+        )
+    if kind == "request":
+        params = obj.get("params")
+        return ServerRequest(obj.get("id"), str(obj.get("method")), params if isinstance(params, dict) else {})
+    if kind == "notification":
+        params = obj.get("params")
+        if not isinstance(params, dict):
+            raise ProtocolError("notification without params")
+        note = params.get("notification")
+        if not isinstance(note, dict) or not isinstance(note.get("type"), str):
+            raise ProtocolError("notification without a type")
+        session_id = params.get("sessionId") or note.get("sessionId")
+        return Notification(session_id if isinstance(session_id, str) else None, note["type"], note)
+    raise ProtocolError(f"unknown message type {kind!r}")
+
+
+# --- turn events: what one turn's notifications mean to a client ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_creation_tokens: int = 0
+    thinking_tokens: int = 0
+
+    @classmethod
+    def from_droid(cls, raw: Any) -> Usage:
+        if not isinstance(raw, dict):
+            return cls()
+
+        def num(key: str) -> int:
+            value = raw.get(key, 0)
+            return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+        return cls(
+            num("inputTokens"),
+            num("outputTokens"),
+            num("cacheReadTokens"),
+            num("cacheCreationTokens"),
+            num("thinkingTokens"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    message_id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ThinkingDelta:
+    message_id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retracted:
+    """droid discards what it streamed for ``message_id``; a retry re-streams it."""
+
+    message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retrying:
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class TurnError:
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A ``user_only`` system message (droid's explanation of a failed turn)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class TurnCompleted:
+    reason: str
+    usage: Usage = field(default_factory=Usage)
+    duration_ms: int = 0
+
+
+TurnEvent = TextDelta | ThinkingDelta | Retracted | Retrying | TurnError | Notice | TurnCompleted
+
+# agent_turn_completed reasons that mean the turn produced a usable answer.
+SUCCESS_REASONS = frozenset({"completed"})
+
+
+def turn_event(note: Notification) -> TurnEvent | None:
+    """The client-relevant meaning of one notification, or None for bookkeeping ones."""
+    p = note.payload
+    if note.kind == "assistant_text_delta":
+        return TextDelta(str(p.get("messageId", "")), str(p.get("textDelta", "")))
+    if note.kind == "thinking_text_delta":
+        return ThinkingDelta(str(p.get("messageId", "")), str(p.get("textDelta", "")))
+    if note.kind == "assistant_message_retracted":
+        return Retracted(str(p.get("messageId", "")))
+    if note.kind == "llm_retry":
+        attempt = p.get("attempt")
+        return Retrying(attempt if isinstance(attempt, int) else 0, str(p.get("reason", "")))
+    if note.kind == "error":
+        return TurnError(str(p.get("message", "droid reported an error")))
+    if note.kind == "create_message":
+        message = p.get("message")
+        if isinstance(message, dict) and message.get("role") == "system":
+            texts = [
+                str(block.get("text", ""))
+                for block in message.get("content", ())
+                if isinstance(block, dict) and block.get("type") == "text"
+            ]
+            return Notice("\n".join(texts))
+        return None
+    if note.kind == "agent_turn_completed":
+        duration = p.get("durationMs")
+        return TurnCompleted(
+            str(p.get("reason", "")),
+            Usage.from_droid(p.get("tokenUsage")),
+            duration if isinstance(duration, int) else 0,
+        )
+    return None

@@ -1,0 +1,484 @@
+"""One long-lived ``droid exec`` stream-jsonrpc process: its requests, turns, and reaping."""
+
+from __future__ import annotations
+
+import collections
+import enum
+import itertools
+import os
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+
+from . import errors
+from .protocol import (
+    Message,
+    Notification,
+    ProtocolError,
+    Response,
+    ServerRequest,
+    TurnCompleted,
+    TurnEvent,
+    encode_request,
+    encode_response,
+    parse_line,
+    turn_event,
+)
+
+log = structlog.get_logger(__name__)
+
+STDERR_KEEP_BYTES = 16 * 1024
+TURN_EVENT_BUFFER = 256
+REQUEST_TIMEOUT_S = 30.0
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"  # spawned, not yet initialized
+    READY = "ready"  # a fresh session initialized, no turn run yet: a warm spare
+    BUSY = "busy"  # leased to a request
+    IDLE = "idle"  # holds a session that has run turns
+    STOPPING = "stopping"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """How to start a worker; the same for every worker of a pool."""
+
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    cwd: str
+    machine_id: str
+    permission_policy: str = "cancel"
+    max_line_bytes: int = 8 * 1024 * 1024
+    stop_grace_s: float = 3.0
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What ``droid.initialize_session`` fixes for a session's life (system prompt included)."""
+
+    model_id: str | None = None
+    system_prompt: str | None = None
+    reasoning_effort: str | None = None
+    autonomy: str = "off"
+    disabled_tool_ids: tuple[str, ...] = ()
+
+    def init_params(self, machine_id: str, cwd: str) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "machineId": machine_id,
+            "cwd": cwd,
+            "autonomyLevel": self.autonomy,
+            "disabledToolIds": list(self.disabled_tool_ids),
+        }
+        if self.model_id:
+            params["modelId"] = self.model_id
+        if self.system_prompt:
+            params["systemPrompt"] = self.system_prompt
+        if self.reasoning_effort:
+            params["reasoningEffort"] = self.reasoning_effort
+        return params
+
+
+class LineTooLong(ProtocolError):
+    pass
+
+
+class LineReader:
+    """Newline framing over a byte stream, each line at most ``max_bytes`` long."""
+
+    def __init__(self, stream: anyio.abc.ByteReceiveStream, max_bytes: int) -> None:
+        self._stream = stream
+        self._max = max_bytes
+        self._buffer = bytearray()
+        self._skipping = False
+
+    async def readline(self) -> bytes | None:
+        """The next line without its newline; None at EOF. Raises LineTooLong once per long line."""
+        while True:
+            index = self._buffer.find(b"\n")
+            if index >= 0:
+                line = bytes(self._buffer[:index])
+                del self._buffer[: index + 1]
+                if self._skipping:
+                    self._skipping = False
+                    continue
+                return line
+            if len(self._buffer) > self._max:
+                self._buffer.clear()
+                if not self._skipping:
+                    self._skipping = True
+                    raise LineTooLong(f"a line longer than {self._max} bytes")
+            try:
+                chunk = await self._stream.receive(65536)
+            except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                return None
+            self._buffer.extend(chunk)
+
+
+class _Turn:
+    def __init__(self) -> None:
+        self.send, self.receive = anyio.create_memory_object_stream[TurnEvent](
+            TURN_EVENT_BUFFER
+        )
+        self.done = anyio.Event()
+        self.abandoned = False
+
+
+_ids = itertools.count(1)
+
+
+class Worker:
+    """A droid process. The pool owns it and changes ``state``; requests go one at a time."""
+
+    def __init__(self, spec: LaunchSpec, model_id: str | None = None) -> None:
+        self.id = next(_ids)
+        self.spec = spec
+        self.state = WorkerState.STARTING
+        self.model_id = model_id
+        self.settings: SessionSettings | None = None
+        self.session_id: str | None = None
+        self.turns = 0
+        self.created_at = time.monotonic()
+        self.last_used = self.created_at
+        self.available_models: list[dict[str, Any]] = []
+        self.exit_code: int | None = None
+        self._process: anyio.abc.Process | None = None
+        self._stderr: collections.deque[bytes] = collections.deque()
+        self._stderr_size = 0
+        self._write_lock = anyio.Lock()
+        self._call_lock = anyio.Lock()
+        self._pending: dict[str, tuple[anyio.Event, list[Response]]] = {}
+        self._turn: _Turn | None = None
+        self._exited = anyio.Event()
+        self.on_exit: Callable[[Worker], None] | None = None
+
+    def __repr__(self) -> str:
+        pid = self._process.pid if self._process else None
+        session = f" session={self.session_id[:8]}" if self.session_id else ""
+        return f"<Worker #{self.id} {self.state.value} pid={pid} model={self.model_id}{session} turns={self.turns}>"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and not self._exited.is_set()
+
+    def stderr_tail(self, limit: int = 2000) -> str:
+        return b"".join(self._stderr).decode("utf-8", "replace")[-limit:].strip()
+
+    # --- process lifecycle -------------------------------------------------------------------
+
+    async def start(self, task_group: anyio.abc.TaskGroup) -> None:
+        """Spawn droid in its own process group; its reader tasks join ``task_group``."""
+        try:
+            self._process = await anyio.open_process(
+                list(self.spec.argv),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=self.spec.cwd,
+                env=dict(self.spec.env),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self.state = WorkerState.DEAD
+            self._exited.set()
+            raise errors.Unavailable(f"cannot start droid ({self.spec.argv[0]}): {exc.strerror or exc}") from exc
+        task_group.start_soon(self._read_stdout)
+        task_group.start_soon(self._drain_stderr)
+        log.debug("worker.spawned", worker=self.id, pid=self._process.pid)
+
+    async def initialize(self, settings: SessionSettings, timeout: float) -> str:
+        """Start a fresh droid session; only valid while no turn has run in this process."""
+        assert self.turns == 0, "initialize_session after a turn leaks the old context"
+        result = await self.call(
+            "droid.initialize_session", settings.init_params(self.spec.machine_id, self.spec.cwd), timeout
+        )
+        session_id = result.get("sessionId")
+        if not isinstance(session_id, str):
+            raise errors.UpstreamError("droid.initialize_session returned no sessionId")
+        models = result.get("availableModels")
+        self.available_models = models if isinstance(models, list) else []
+        self.settings = settings
+        self.session_id = session_id
+        self.model_id = settings.model_id
+        return session_id
+
+    async def load_session(self, session_id: str, timeout: float = REQUEST_TIMEOUT_S) -> None:
+        result = await self.call("droid.load_session", {"sessionId": session_id}, timeout)
+        self.session_id = session_id
+        self.settings = None
+        models = result.get("settings", {}).get("modelId") if isinstance(result.get("settings"), dict) else None
+        self.model_id = models if isinstance(models, str) else self.model_id
+        # A loaded session counts as used: never initialize_session in this process again.
+        self.turns = max(self.turns, 1)
+
+    async def set_model(self, model_id: str, timeout: float = REQUEST_TIMEOUT_S) -> None:
+        await self.call("droid.update_session_settings", {"modelId": model_id}, timeout)
+        self.model_id = model_id
+        if self.settings is not None:
+            self.settings = SessionSettings(
+                model_id, self.settings.system_prompt, self.settings.reasoning_effort,
+                self.settings.autonomy, self.settings.disabled_tool_ids,
+            )
+
+    async def set_reasoning_effort(self, effort: str, timeout: float = REQUEST_TIMEOUT_S) -> None:
+        await self.call("droid.update_session_settings", {"reasoningEffort": effort}, timeout)
+
+    async def list_models(self, timeout: float = REQUEST_TIMEOUT_S) -> list[dict[str, Any]]:
+        result = await self.call("droid.list_models", {}, timeout)
+        models = result.get("models")
+        return models if isinstance(models, list) else []
+
+    async def stop(self) -> None:
+        """Close stdin, then SIGTERM → grace → SIGKILL to the whole process group; always reaped."""
+        if self._process is None:
+            self.state = WorkerState.DEAD
+            return
+        self.state = WorkerState.STOPPING
+        process = self._process
+        with anyio.CancelScope(shield=True):
+            if process.stdin is not None:
+                with anyio.move_on_after(0.5):
+                    await process.stdin.aclose()
+            with anyio.move_on_after(min(0.5, self.spec.stop_grace_s)):
+                await self._exited.wait()
+            if not self._exited.is_set():
+                self._signal_group(signal.SIGTERM)
+                with anyio.move_on_after(self.spec.stop_grace_s):
+                    await self._exited.wait()
+            # Tool subprocesses droid started may outlive it in the group: kill them too.
+            self._signal_group(signal.SIGKILL)
+            await self._exited.wait()
+        self.state = WorkerState.DEAD
+
+    def kill(self) -> None:
+        """Immediate SIGKILL of the group; the reader task reaps."""
+        self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, signum: int) -> None:
+        if self._process is None:
+            return
+        try:
+            os.killpg(self._process.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    # --- requests ----------------------------------------------------------------------------
+
+    async def call(self, method: str, params: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+        """Send one request and wait for its response; droid needs them one at a time."""
+        async with self._call_lock:
+            if not self.alive:
+                raise errors.WorkerCrashed(self._death_message())
+            request_id = f"dp-{self.id}-{next(_ids)}"
+            done = anyio.Event()
+            box: list[Response] = []
+            self._pending[request_id] = (done, box)
+            try:
+                await self._write(encode_request(request_id, method, params))
+                # The reaper sets every pending event when the process exits.
+                with anyio.move_on_after(timeout) as scope:
+                    await done.wait()
+                if scope.cancelled_caught:
+                    raise errors.DeadlineExceeded(f"droid did not answer {method} within {timeout:g} s")
+            finally:
+                self._pending.pop(request_id, None)
+            if not box:
+                raise errors.WorkerCrashed(self._death_message())
+            response = box[0]
+            if response.error is not None:
+                raise DroidRequestError(method, response.error)
+            return response.result or {}
+
+    async def _write(self, data: bytes) -> None:
+        assert self._process is not None and self._process.stdin is not None
+        async with self._write_lock:
+            try:
+                await self._process.stdin.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                raise errors.WorkerCrashed(self._death_message()) from exc
+
+    def _death_message(self) -> str:
+        tail = self.stderr_tail(500)
+        code = f" (exit code {self.exit_code})" if self.exit_code is not None else ""
+        return f"droid worker #{self.id} exited{code}" + (f": {tail}" if tail else "")
+
+    # --- turns -------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def turn(self, text: str, interrupt_grace_s: float) -> AsyncIterator[TurnStream]:
+        """Run one turn; leaving early interrupts it and waits until droid reports it done.
+
+        If droid does not stop within the grace, the worker is killed (and then reaped).
+        """
+        turn = _Turn()
+        self._turn = turn
+        self.last_used = time.monotonic()
+        try:
+            await self.call("droid.add_user_message", {"text": text})
+            self.turns += 1
+            yield TurnStream(turn, self)
+        finally:
+            turn.abandoned = True
+            turn.receive.close()
+            with anyio.CancelScope(shield=True):
+                await self._finish_turn(turn, interrupt_grace_s)
+            self._turn = None
+            self.last_used = time.monotonic()
+
+    async def _finish_turn(self, turn: _Turn, grace: float) -> None:
+        if turn.done.is_set() or not self.alive:
+            return
+        try:
+            await self.call("droid.interrupt_session", {}, timeout=grace)
+            with anyio.fail_after(grace):
+                await turn.done.wait()
+            log.info("worker.turn_interrupted", worker=self.id)
+        except (errors.DroidpoolError, DroidRequestError, TimeoutError):
+            log.warning("worker.interrupt_failed_killing", worker=self.id)
+            self.kill()
+            await self._exited.wait()
+
+    # --- readers -----------------------------------------------------------------------------
+
+    async def _read_stdout(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        reader = LineReader(self._process.stdout, self.spec.max_line_bytes)
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except LineTooLong as exc:
+                    log.warning("worker.line_too_long", worker=self.id, error=str(exc))
+                    continue
+                if line is None:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    message = parse_line(line)
+                except ProtocolError as exc:
+                    log.warning("worker.bad_line", worker=self.id, error=str(exc), line=line[:200].decode("utf-8", "replace"))
+                    continue
+                await self._dispatch(message)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._reap()
+
+    async def _reap(self) -> None:
+        assert self._process is not None
+        with anyio.move_on_after(self.spec.stop_grace_s + 2):
+            self.exit_code = await self._process.wait()
+        if self.exit_code is None:
+            self._signal_group(signal.SIGKILL)
+            self.exit_code = await self._process.wait()
+        self._signal_group(signal.SIGKILL)
+        self._exited.set()
+        if self.state is not WorkerState.STOPPING:
+            log.warning("worker.exited", worker=self.id, pid=self._process.pid, code=self.exit_code, stderr=self.stderr_tail(300))
+        if self.on_exit is not None:
+            self.on_exit(self)
+        self.state = WorkerState.DEAD
+        for done, _ in self._pending.values():
+            done.set()
+        turn = self._turn
+        if turn is not None and not turn.done.is_set():
+            # The consumer drains what was buffered, then sees the end of a turn that never
+            # completed: TurnStream turns that into WorkerCrashed.
+            turn.send.close()
+            turn.done.set()
+
+    async def _dispatch(self, message: Message) -> None:
+        if isinstance(message, Response):
+            pending = self._pending.get(str(message.id))
+            if pending is not None and not pending[0].is_set():
+                pending[1].append(message)
+                pending[0].set()
+            return
+        if isinstance(message, ServerRequest):
+            await self._answer(message)
+            return
+        turn = self._turn
+        if turn is None or turn.done.is_set():
+            return
+        if message.session_id and self.session_id and message.session_id != self.session_id:
+            return
+        event = turn_event(message)
+        if event is None:
+            return
+        if not turn.abandoned:
+            try:
+                await turn.send.send(event)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+        if isinstance(event, TurnCompleted):
+            turn.done.set()
+
+    async def _answer(self, request: ServerRequest) -> None:
+        if request.method == "droid.request_permission":
+            result: dict[str, Any] = {"selectedOption": self.spec.permission_policy}
+        elif request.method == "droid.ask_user":
+            result = {"cancelled": True, "answers": []}
+        else:
+            result = {}
+        log.info("worker.server_request", worker=self.id, method=request.method, answer=result)
+        try:
+            await self._write(encode_response(request.id, result))
+        except errors.WorkerCrashed:
+            pass
+
+    async def _drain_stderr(self) -> None:
+        assert self._process is not None and self._process.stderr is not None
+        try:
+            async for chunk in self._process.stderr:
+                self._stderr.append(chunk)
+                self._stderr_size += len(chunk)
+                while self._stderr_size > STDERR_KEEP_BYTES and len(self._stderr) > 1:
+                    self._stderr_size -= len(self._stderr.popleft())
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+
+
+class TurnStream:
+    """The events of one running turn, ending with TurnCompleted; a crash raises WorkerCrashed."""
+
+    def __init__(self, turn: _Turn, worker: Worker) -> None:
+        self._turn = turn
+        self._worker = worker
+        self._completed = False
+
+    def __aiter__(self) -> TurnStream:
+        return self
+
+    async def __anext__(self) -> TurnEvent:
+        if self._completed:
+            raise StopAsyncIteration
+        try:
+            event = await self._turn.receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise errors.WorkerCrashed(self._worker._death_message()) from None
+        if isinstance(event, TurnCompleted):
+            self._completed = True
+        return event
+
+
+class DroidRequestError(Exception):
+    """droid answered a request with a JSON-RPC error."""
+
+    def __init__(self, method: str, error: dict[str, Any]) -> None:
+        self.method = method
+        self.code = error.get("code")
+        self.droid_message = str(error.get("message", ""))
+        super().__init__(f"{method}: {self.droid_message} (code {self.code})")
