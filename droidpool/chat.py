@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -94,24 +95,31 @@ class ChatService:
             seen.setdefault(model_id, {"id": model_id})
         return list(seen.values())
 
-    def check_model(self, request: ChatRequest) -> None:
+    def resolve_model(self, request: ChatRequest) -> str:
+        """droid's id for the requested model, or ModelNotFound.
+
+        droid lists generated ids (``custom:<displayName>-<n>``); a name without the ``-<n>``
+        suffix and any id configured in pool.models are accepted too.
+        """
         models = {m["id"]: m for m in self.models()}
         if not models:
-            return  # nothing known yet (no worker has answered): droid will judge
-        model = models.get(request.model)
-        if model is None:
+            return request.model  # nothing known yet (no worker has answered): droid will judge
+        aliases = {re.sub(r"-\d+$", "", model_id): model_id for model_id in models}
+        model_id = request.model if request.model in models else aliases.get(request.model)
+        if model_id is None:
             raise errors.ModelNotFound(
                 f"The model {request.model!r} does not exist or droid cannot use it; "
                 f"available: {', '.join(sorted(models))}.",
                 param="model",
             )
-        supported = model.get("supportedReasoningEfforts")
+        supported = models[model_id].get("supportedReasoningEfforts")
         if request.reasoning_effort and isinstance(supported, list) and request.reasoning_effort not in supported:
             raise errors.InvalidRequest(
                 f"{request.model} supports reasoning_effort {', '.join(map(str, supported))}; "
                 f"got {request.reasoning_effort!r}.",
                 param="reasoning_effort",
             )
+        return model_id
 
     # --- a turn ------------------------------------------------------------------------------
 
@@ -122,7 +130,7 @@ class ChatService:
         Leaving the block before the turn completes interrupts it; a completed turn is
         recorded so the next request (stateless resend or by session id) continues it.
         """
-        self.check_model(request)
+        model_id = self.resolve_model(request)
         split = conversation.split(request.messages)
         seed = conversation.seed(split.system)
         record = None
@@ -146,7 +154,7 @@ class ChatService:
                     current = await self.store.get(record.session_id)
                     if current is None or current.head_digest != base:
                         record = None
-            settings = self._settings(request, split.system if record is None else None)
+            settings = self._settings(model_id, request, split.system if record is None else None)
             if record is not None:
                 prompt = conversation.turn_text(split.new)
                 want = Want(settings, session_id=record.session_id)
@@ -178,10 +186,10 @@ class ChatService:
         head = conversation.extend(base, (*messages, ChatMessage("assistant", answer)))
         await self.store.complete_turn(turn.session_id, request.model, head, usage)
 
-    def _settings(self, request: ChatRequest, system: str | None) -> SessionSettings:
+    def _settings(self, model_id: str, request: ChatRequest, system: str | None) -> SessionSettings:
         base = self.base_settings
         return SessionSettings(
-            model_id=request.model,
+            model_id=model_id,
             system_prompt=system or None,
             reasoning_effort=request.reasoning_effort,
             autonomy=base.autonomy,
