@@ -24,6 +24,7 @@ CHAT: web.AppKey[ChatService] = web.AppKey("chat", ChatService)
 POOL: web.AppKey[Pool] = web.AppKey("pool", Pool)
 STORE: web.AppKey[SessionStore] = web.AppKey("store", SessionStore)
 KEEPALIVE_S: web.AppKey[float] = web.AppKey("keepalive_s", float)
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -50,7 +51,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Every failure leaves in the OpenAI envelope; no traceback ever reaches a client."""
     request_id = request.headers.get("X-Request-Id", "")[:128] or uuid.uuid4().hex
     structlog.contextvars.bind_contextvars(request_id=request_id)
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     try:
         try:
             response = await handler(request)
@@ -145,7 +146,7 @@ async def _stream(
     headers: dict[str, str],
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
-    response.headers["X-Request-Id"] = request["request_id"]
+    response.headers["X-Request-Id"] = request[REQUEST_ID]
     await response.prepare(request)
     sse = SSEWriter(response)
     await sse.send(fold.chunk({"role": "assistant", "content": ""}))

@@ -175,7 +175,8 @@ def usage_body(usage: Usage) -> dict[str, Any]:
 
 @dataclass
 class _MessageText:
-    sent: str = ""  # what the client has been given for this droid message
+    text: str = ""  # droid's current text for the message; a retraction empties it
+    sent: str = ""  # what a streaming client has been given for it
     replay: int | None = None  # after a retraction: how much of ``sent`` the retry has re-sent
 
 
@@ -185,13 +186,14 @@ class Fold:
 
     Both the streaming and the non-streaming responses are built from this fold. Retracted
     text that droid re-streams on a retry is matched against what was already sent, so a
-    client never receives it twice.
+    streaming client never receives it twice; the final text (non-streaming) is droid's text
+    after its last retraction. A retry that says something else than the retracted text
+    cannot be unsent from a stream: the stream then carries both.
     """
 
     completion_id: str
     model: str
     created: int = field(default_factory=lambda: int(time.time()))
-    content: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
     completed: TurnCompleted | None = None
@@ -203,10 +205,7 @@ class Fold:
         """Deltas to send for ``event`` (each a ``choices[0].delta`` object)."""
         if isinstance(event, TextDelta):
             text = self._fresh_text(event.message_id, event.text)
-            if not text:
-                return []
-            self.content.append(text)
-            return [{"content": text}]
+            return [{"content": text}] if text else []
         if isinstance(event, ThinkingDelta):
             if not event.text:
                 return []
@@ -215,6 +214,7 @@ class Fold:
         if isinstance(event, Retracted):
             state = self._messages.get(event.message_id)
             if state is not None:
+                state.text = ""
                 state.replay = 0
             return []
         if isinstance(event, TurnError | Notice):
@@ -231,6 +231,7 @@ class Fold:
 
     def _fresh_text(self, message_id: str, text: str) -> str:
         state = self._messages.setdefault(message_id, _MessageText())
+        state.text += text
         separator = ""
         if self._last_message is not None and self._last_message != message_id and not state.sent:
             separator = "\n\n"
@@ -251,7 +252,7 @@ class Fold:
 
     @property
     def text(self) -> str:
-        return "".join(self.content)
+        return "\n\n".join(m.text for m in self._messages.values() if m.text)
 
     def failure(self) -> errors.DroidpoolError | None:
         """The error to report if the turn failed (None when it completed)."""

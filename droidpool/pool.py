@@ -141,6 +141,7 @@ class Pool:
         self._waiters: collections.deque[anyio.Event] = collections.deque()
         self._session_locks: dict[str, tuple[anyio.Lock, int]] = {}
         self._spawning = 0
+        self._reserved = 0  # slots promised to a spawn that waits for an eviction
         self._wake_reconcile = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._closing = False
@@ -236,7 +237,7 @@ class Pool:
             while True:
                 decision = Assignment("wait")
                 if head or not self._waiters:
-                    decision = assign(self.views(), want, self.max_workers)
+                    decision = assign(self.views(), want, self.max_workers - self._reserved)
                 if decision.action != "wait":
                     worker = await self._apply(decision, want)
                     if worker is not None:
@@ -272,7 +273,14 @@ class Pool:
                 return None
             self.counters["evictions"] += 1
             log.info("pool.evict", worker=victim.id, session=victim.session_id)
-            await self._stop(victim)
+            # The victim's slot passes to this request's new worker: nobody else may take it
+            # between the victim's death and the spawn.
+            self._reserved += 1
+            try:
+                await self._stop(victim)
+                return await self._spawn_for(want)
+            finally:
+                self._reserved -= 1
         if decision.action == "take":
             worker = self._by_id(decision.worker_id)
             if worker is None or worker.state not in (WorkerState.READY, WorkerState.IDLE):
@@ -287,7 +295,9 @@ class Pool:
                 await self._discard(worker)
                 raise
             return worker
-        # spawn
+        return await self._spawn_for(want)
+
+    async def _spawn_for(self, want: Want) -> Worker:
         self._check_backoff()
         worker = self._new_worker(want.settings.model_id)
         worker.state = WorkerState.BUSY
@@ -415,7 +425,8 @@ class Pool:
             self._prune()
             if not self._closing and time.monotonic() >= self._backoff_until:
                 views = self.views()
-                for model_id in spares_to_start(views, self._effective_specs(), self.max_workers, self._spawning):
+                room = self.max_workers - self._reserved
+                for model_id in spares_to_start(views, self._effective_specs(), room, self._spawning):
                     assert self._tg is not None
                     worker = self._new_worker(model_id or None)
                     self.workers.append(worker)

@@ -341,10 +341,19 @@ class Worker:
     async def _finish_turn(self, turn: _Turn, grace: float) -> None:
         if turn.done.is_set() or not self.alive:
             return
+        deadline = time.monotonic() + grace
         try:
-            await self.call("droid.interrupt_session", {}, timeout=grace)
-            with anyio.fail_after(grace):
-                await turn.done.wait()
+            # An interrupt that reaches droid before the turn has really started is a no-op,
+            # so it is repeated until droid reports the turn over.
+            wait = 0.1
+            while not turn.done.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                await self.call("droid.interrupt_session", {}, timeout=remaining)
+                with anyio.move_on_after(min(wait, max(0.0, deadline - time.monotonic()))):
+                    await turn.done.wait()
+                wait = min(wait * 2, 1.0)
             log.info("worker.turn_interrupted", worker=self.id)
         except (errors.DroidpoolError, DroidRequestError, TimeoutError):
             log.warning("worker.interrupt_failed_killing", worker=self.id)

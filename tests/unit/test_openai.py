@@ -1,0 +1,139 @@
+"""Request validation and the fold of droid events into OpenAI deltas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from droidpool import errors
+from droidpool.openai import Fold, parse_chat_request
+from droidpool.protocol import Notice, Retracted, TextDelta, ThinkingDelta, TurnCompleted, TurnError, Usage
+
+
+def body(**extra: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def test_valid_request_is_parsed_with_ignored_params_listed() -> None:
+    req = parse_chat_request(body(stream=True, stream_options={"include_usage": True}, temperature=0.2, foo=1))
+    assert req.stream and req.include_usage
+    assert req.ignored == ("foo", "temperature")
+
+
+def test_session_id_from_body_wins_over_header() -> None:
+    assert parse_chat_request(body(session_id="a"), "b").session_id == "a"
+    assert parse_chat_request(body(), "b").session_id == "b"
+
+
+def test_content_parts_and_developer_role() -> None:
+    req = parse_chat_request({"model": "m", "messages": [
+        {"role": "developer", "content": "rules"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    ]})
+    assert [(m.role, m.text) for m in req.messages] == [("system", "rules"), ("user", "ab")]
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+        (body(messages=[]), "messages"),
+        (body(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
+        (body(messages=[{"role": "user", "content": 5}]), "messages[0].content"),
+        (body(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "messages[0].content"),
+        (body(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]), "messages[1].role"),
+        (body(n=3), "n"),
+        (body(logprobs=True), "logprobs"),
+        (body(response_format={"type": "json_object"}), "response_format"),
+        (body(tool_choice="required"), "tool_choice"),
+        (body(stream="yes"), "stream"),
+        (body(reasoning_effort="enormous"), "reasoning_effort"),
+    ],
+)
+def test_invalid_requests_name_their_param(raw: dict[str, Any], param: str) -> None:
+    with pytest.raises(errors.InvalidRequest) as info:
+        parse_chat_request(raw)
+    assert info.value.param == param
+    assert info.value.status == 400
+    assert info.value.body()["error"]["type"] == "invalid_request_error"
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
+                    lambda children: st.lists(children) | st.dictionaries(st.text(), children), max_leaves=20))
+def test_any_json_is_either_accepted_or_a_400(value: Any) -> None:
+    for candidate in (value, {"model": "m", "messages": value}, {"model": value, "messages": [{"role": "user", "content": "x"}]}):
+        try:
+            parse_chat_request(candidate)
+        except errors.InvalidRequest:
+            pass
+
+
+def feed_all(fold: Fold, events: list[Any]) -> str:
+    out = []
+    for event in events:
+        for delta in fold.feed(event):
+            out.append(delta.get("content", ""))
+    return "".join(out)
+
+
+def test_fold_streams_text_and_reasoning_and_keeps_usage() -> None:
+    fold = Fold("id", "m")
+    deltas = []
+    for event in [ThinkingDelta("a", "hmm"), TextDelta("a", "Hel"), TextDelta("a", "lo"),
+                  TurnCompleted("completed", Usage(5, 2, 1, 0, 3))]:
+        deltas += fold.feed(event)
+    assert deltas == [{"reasoning_content": "hmm"}, {"content": "Hel"}, {"content": "lo"}]
+    assert fold.failure() is None
+    completion = fold.completion()
+    assert completion["choices"][0]["message"] == {
+        "role": "assistant", "content": "Hello", "refusal": None, "reasoning_content": "hmm"}
+    assert completion["usage"]["prompt_tokens"] == 6 and completion["usage"]["completion_tokens"] == 2
+    assert completion["usage"]["completion_tokens_details"]["reasoning_tokens"] == 3
+
+
+def test_retracted_text_replayed_by_a_retry_is_not_sent_twice() -> None:
+    fold = Fold("id", "m")
+    sent = feed_all(fold, [
+        TextDelta("a", "The ans"), Retracted("a"),
+        TextDelta("a", "The "), TextDelta("a", "answer is 42."),
+        TurnCompleted("completed"),
+    ])
+    assert sent == "The answer is 42."
+    assert fold.text == "The answer is 42."
+
+
+def test_the_final_text_drops_retracted_text_even_when_the_retry_differs() -> None:
+    fold = Fold("id", "m")
+    feed_all(fold, [TextDelta("a", "partial "), Retracted("a"), TextDelta("a", "Other answer.")])
+    assert fold.text == "Other answer."
+
+
+def test_separate_assistant_messages_are_separated() -> None:
+    fold = Fold("id", "m")
+    assert feed_all(fold, [TextDelta("a", "Let me look."), TextDelta("b", "Found it.")]) == "Let me look.\n\nFound it."
+
+
+@pytest.mark.parametrize(
+    ("reason", "kind", "status"),
+    [("model_authentication_failed", errors.UpstreamError, 502),
+     ("model_rate_limited", errors.Overloaded, 429),
+     ("error", errors.UpstreamError, 502)],
+)
+def test_failed_turns_map_to_errors_carrying_droids_words(reason: str, kind: type, status: int) -> None:
+    fold = Fold("id", "m")
+    feed_all(fold, [TurnError("401 Invalid API key"), Notice("BYOK Error: details"), TurnCompleted(reason)])
+    failure = fold.failure()
+    assert isinstance(failure, kind) and failure.status == status
+    assert "401 Invalid API key" in failure.message and "BYOK Error" in failure.message
+    assert failure.body()["error"]["code"] == f"droid_{reason}"
+
+
+def test_chunks_have_the_openai_shape() -> None:
+    fold = Fold("chatcmpl-x", "m")
+    chunk = fold.chunk({"content": "a"})
+    assert chunk["object"] == "chat.completion.chunk" and chunk["choices"][0]["finish_reason"] is None
+    usage = fold.usage_chunk()
+    assert usage["choices"] == [] and set(usage["usage"]) >= {"prompt_tokens", "completion_tokens", "total_tokens"}
