@@ -54,6 +54,13 @@ def serve(config_path: Path | None, host: str | None, port: int | None, log_leve
         anyio.run(run, config)
     except StartupError as exc:
         raise click.ClickException(str(exc)) from None
+    except BaseExceptionGroup as group:
+        startup = group.subgroup(StartupError)
+        if startup is None:
+            raise
+        while isinstance(startup, BaseExceptionGroup):
+            startup = startup.exceptions[0]
+        raise click.ClickException(str(startup)) from None
     except KeyboardInterrupt:
         pass
 

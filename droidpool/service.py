@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import structlog
 from aiohttp import web
 
@@ -98,8 +99,29 @@ def build_chat(config: Config, pool: Pool, store: SessionStore) -> ChatService:
 
 
 async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT."""
-    spec = launch_spec(config)
+    """Run until SIGTERM or SIGINT (handled from the first instant, even while warming up)."""
+    spec = launch_spec(config)  # a StartupError here reaches the CLI as a plain message
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_signals, signals, stop)
+            await _run(config, spec, stop, tg)
+            tg.cancel_scope.cancel()
+
+
+async def _watch_signals(signals: AsyncIterator[int], stop: anyio.Event) -> None:
+    async for signum in signals:
+        log.info("droidpool.signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+
+async def _announce_ready(pool: Pool, timeout: float) -> None:
+    warm = await pool.wait_warm(timeout)
+    log.info("droidpool.ready" if warm else "droidpool.not_warm", pool=repr(pool), cause=pool.last_spawn_error)
+
+
+async def _run(config: Config, spec: LaunchSpec, stop: anyio.Event, tg: anyio.abc.TaskGroup) -> None:
+    """Start store → pool → HTTP site → readiness; wait for ``stop``; stop in reverse."""
     store = SessionStore(config.store_path, config.store.session_ttl_s)
     await store.open()
     try:
@@ -111,25 +133,27 @@ async def serve(config: Config) -> None:
                 max_body_bytes=config.server.max_body_bytes,
                 keepalive_s=config.server.keepalive_s,
             )
-            runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.deadlines.interrupt_grace_s + 5)
+            runner = web.AppRunner(
+                app,
+                access_log=None,
+                handle_signals=False,
+                shutdown_timeout=config.deadlines.interrupt_grace_s + 5,
+            )
             await runner.setup()
             try:
                 site = web.TCPSite(runner, config.server.host, config.server.port)
-                await site.start()
-                log.info("droidpool.listening", host=config.server.host, port=config.server.port, pool=repr(pool))
-                warm = await pool.wait_warm(config.pool.spawn_timeout_s)
-                log.info("droidpool.ready" if warm else "droidpool.not_warm", pool=repr(pool), cause=pool.last_spawn_error)
-                await _wait_for_stop()
+                try:
+                    await site.start()
+                except OSError as exc:
+                    raise StartupError(
+                        f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror or exc}"
+                    ) from None
+                log.info("droidpool.listening", host=config.server.host, port=config.server.port)
+                tg.start_soon(_announce_ready, pool, config.pool.spawn_timeout_s)
+                await stop.wait()
                 log.info("droidpool.stopping", pool=repr(pool))
             finally:
                 await runner.cleanup()
     finally:
         await store.close()
     log.info("droidpool.stopped")
-
-
-async def _wait_for_stop() -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("droidpool.signal", signal=signal.Signals(signum).name)
-            return
