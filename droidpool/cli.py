@@ -46,7 +46,8 @@ def main() -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="server.log_level")
 def serve(config_path: Path | None, host: str | None, port: int | None, log_level: str | None) -> None:
     """Serve /v1/chat/completions until SIGTERM or SIGINT."""
-    from .service import StartupError, serve as run
+    from .service import StartupError
+    from .service import serve as run
 
     config = _load(config_path, {"server.host": host, "server.port": port, "server.log_level": log_level})
     logs.configure(config.server.log_level)
@@ -58,9 +59,10 @@ def serve(config_path: Path | None, host: str | None, port: int | None, log_leve
         startup = group.subgroup(StartupError)
         if startup is None:
             raise
-        while isinstance(startup, BaseExceptionGroup):
-            startup = startup.exceptions[0]
-        raise click.ClickException(str(startup)) from None
+        leaf: BaseException = startup
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        raise click.ClickException(str(leaf)) from None
     except KeyboardInterrupt:
         pass
 
@@ -95,7 +97,10 @@ def render_default_config() -> str:
         for f in dataclasses.fields(value):
             current = getattr(value, f.name)
             if isinstance(current, tuple):
-                current = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in current]
+                current = [
+                    dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
+                    for v in current
+                ]
             lines.append(f"# {docs[f.name]}")
             if isinstance(current, str | int | float | bool | list):
                 lines.append(tomli_w.dumps({f.name: current}).strip())

@@ -21,7 +21,6 @@ import structlog
 from . import errors
 from .protocol import (
     Message,
-    Notification,
     ProtocolError,
     Response,
     ServerRequest,

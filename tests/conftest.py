@@ -168,7 +168,7 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=5)
-            raise AssertionError("droidpool did not stop within the deadline after SIGTERM")
+            raise AssertionError("droidpool did not stop within the deadline after SIGTERM") from None
 
 
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:

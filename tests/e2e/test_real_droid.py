@@ -12,7 +12,14 @@ import openai
 import pytest
 
 from tests import fakellm
-from tests.conftest import Daemon, FakeLLMProcess, descendants, start_daemon, wait_until, write_droid_home
+from tests.conftest import (
+    Daemon,
+    FakeLLMProcess,
+    descendants,
+    start_daemon,
+    wait_until,
+    write_droid_home,
+)
 
 pytestmark = pytest.mark.real_droid
 
@@ -85,7 +92,7 @@ def test_streams_content_chunks_as_the_llm_paces_them(client: openai.OpenAI) -> 
     assert roles == ["assistant"]
     assert finish == ["stop"]
     assert len(pieces) == fakellm.PACED_CHUNKS
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
     # Token by token as the LLM sends them, not buffered: most gaps near the LLM's pace.
     assert sum(gap > fakellm.PACE_S * 0.5 for gap in gaps) >= len(gaps) - 2, gaps
     assert arrivals[-1] - arrivals[0] > fakellm.PACE_S * (fakellm.PACED_CHUNKS - 3)

@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 
 from droidpool import errors
 from droidpool.openai import Fold, parse_chat_request
-from droidpool.protocol import Notice, Retracted, TextDelta, ThinkingDelta, TurnCompleted, TurnError, Usage
+from droidpool.protocol import (
+    Notice,
+    Retracted,
+    TextDelta,
+    ThinkingDelta,
+    TurnCompleted,
+    TurnError,
+    Usage,
+)
 
 
 def body(**extra: Any) -> dict[str, Any]:
