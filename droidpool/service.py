@@ -120,6 +120,15 @@ async def _announce_ready(pool: Pool, timeout: float) -> None:
     log.info("droidpool.ready" if warm else "droidpool.not_warm", pool=repr(pool), cause=pool.last_spawn_error)
 
 
+async def _sweep_sessions(store: SessionStore, every_s: float = 600.0) -> None:
+    """Expired sessions leave the store; droid's own session files are left alone."""
+    while True:
+        swept = await store.sweep()
+        if swept:
+            log.info("store.swept", sessions=swept)
+        await anyio.sleep(every_s)
+
+
 async def _run(config: Config, spec: LaunchSpec, stop: anyio.Event, tg: anyio.abc.TaskGroup) -> None:
     """Start store → pool → HTTP site → readiness; wait for ``stop``; stop in reverse."""
     store = SessionStore(config.store_path, config.store.session_ttl_s)
@@ -150,6 +159,7 @@ async def _run(config: Config, spec: LaunchSpec, stop: anyio.Event, tg: anyio.ab
                     ) from None
                 log.info("droidpool.listening", host=config.server.host, port=config.server.port)
                 tg.start_soon(_announce_ready, pool, config.pool.spawn_timeout_s)
+                tg.start_soon(_sweep_sessions, store)
                 await stop.wait()
                 log.info("droidpool.stopping", pool=repr(pool))
             finally:

@@ -11,7 +11,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -53,9 +53,9 @@ class LaunchSpec:
     """How to start a worker; the same for every worker of a pool."""
 
     argv: Sequence[str]
-    env: Mapping[str, str]
-    cwd: str
-    machine_id: str
+    env: Mapping[str, str] = field(repr=False)  # holds secrets (FACTORY_API_KEY): never shown
+    cwd: str = "."
+    machine_id: str = "droidpool"
     permission_policy: str = "cancel"
     max_line_bytes: int = 8 * 1024 * 1024
     stop_grace_s: float = 3.0

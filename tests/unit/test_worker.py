@@ -143,3 +143,9 @@ async def test_missing_binary_is_unavailable(tmp_path: Path) -> None:
     async with anyio.create_task_group() as tg:
         with pytest.raises(errors.Unavailable, match="cannot start droid"):
             await Worker(launch).start(tg)
+
+
+def test_launch_spec_repr_never_shows_the_environment(tmp_path: Path) -> None:
+    launch = spec(tmp_path, FACTORY_API_KEY="fk-secret-value")
+    assert "fk-secret-value" not in repr(launch)
+    assert "fk-secret-value" not in repr(Worker(launch))
