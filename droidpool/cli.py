@@ -169,7 +169,9 @@ async def _doctor(config: Config) -> bool:
     report(True, f"droid binary: {binary}")
     try:
         version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
-        report(version.returncode == 0, f"droid --version: {version.stdout.strip() or version.stderr.strip()}")
+        if not report(version.returncode == 0, f"droid --version: {version.stdout.strip() or version.stderr.strip()}",
+                      "the binary does not run: reinstall droid for this platform"):
+            return False
     except (OSError, subprocess.TimeoutExpired) as exc:
         return report(False, f"droid --version failed: {exc}")
     worker = Worker(launch_spec(config))

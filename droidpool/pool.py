@@ -97,14 +97,17 @@ def _best_spare(spares: Sequence[WorkerView], settings: SessionSettings) -> Work
 def spares_to_start(
     workers: Sequence[WorkerView], specs: Sequence[ModelSpec], max_workers: int, in_flight: int
 ) -> list[str]:
-    """Model ids of the spares to spawn now so each model has its configured spares."""
+    """Model ids of the spares to spawn now so each model has its configured spares.
+
+    A spec id of "" stands for droid's default model (a worker whose model_id is None).
+    """
     live = [w for w in workers if w.state is not WorkerState.DEAD]
     room = min(max_workers - len(live), MAX_CONCURRENT_SPAWNS - in_flight)
     out: list[str] = []
     for spec in specs:
         have = sum(
             1 for w in live
-            if w.model_id == spec.id and w.state in (WorkerState.READY, WorkerState.STARTING)
+            if (w.model_id or "") == spec.id and w.state in (WorkerState.READY, WorkerState.STARTING)
         )
         out.extend([spec.id] * max(0, spec.spares - have))
     return out[: max(0, room)]

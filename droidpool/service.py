@@ -30,6 +30,7 @@ class StartupError(RuntimeError):
 
 
 def resolve_binary(binary: str) -> str:
+    binary = os.path.expanduser(binary)
     found = shutil.which(binary) if os.sep not in binary else (binary if os.access(binary, os.X_OK) else None)
     if found is None:
         raise StartupError(

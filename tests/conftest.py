@@ -56,9 +56,9 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05
 
 
 def real_droid_path() -> str | None:
-    candidate = os.environ.get("DROIDPOOL_TEST_DROID") or DEFAULT_REAL_DROID
-    if os.access(candidate, os.X_OK):
-        return candidate
+    for candidate in (os.environ.get("DROIDPOOL_TEST_DROID"), DEFAULT_REAL_DROID):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
     return shutil.which("droid")
 
 

@@ -59,6 +59,12 @@ def test_spares_fill_up_to_the_configured_count_within_the_cap() -> None:
     assert spares_to_start([view(i, WorkerState.BUSY) for i in range(4)], specs, 4, 0) == []
 
 
+def test_default_model_spares_are_counted() -> None:
+    """A spec id of "" (droid's default model) matches spares whose model_id is None."""
+    spare = view(1, WorkerState.READY, model=None)  # type: ignore[arg-type]
+    assert spares_to_start([spare], [ModelSpec("", 1)], 4, 0) == []
+
+
 states = st.sampled_from(list(WorkerState))
 worker_views = st.lists(
     st.builds(view, st.integers(0, 50), states, st.sampled_from([None, "a", "b", "c"]), st.floats(0, 100)),
