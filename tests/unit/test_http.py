@@ -324,3 +324,16 @@ async def test_spawn_failures_make_the_daemon_unready(tmp_path: Path) -> None:
         await store.close()
     finally:
         del os.environ["FAKE_DROID_FAIL_START"]
+
+
+async def test_default_config_keeps_exactly_one_spare(tmp_path: Path) -> None:
+    async with served(tmp_path, **{"pool.models": [], "pool.max_workers": 4}) as (client, pool):
+        await anyio.sleep(1.5)  # several reconcile rounds
+        assert [w.state for w in pool.workers] == [WorkerState.READY]
+        response = await client.post("/v1/chat/completions", json=chat("hi"))
+        assert response.status == 200
+        with anyio.fail_after(10):
+            while sum(w.state is WorkerState.READY for w in pool.workers) < 1:
+                await anyio.sleep(0.05)
+        await anyio.sleep(1.2)
+        assert sorted(w.state.value for w in pool.workers) == ["idle", "ready"]
