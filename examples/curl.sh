@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# curl against a local droidpool: models, a streamed answer, a plain answer, a follow-up in
+# the same droid session by X-Session-Id, and the session list.
+# Usage: bash examples/curl.sh [MODEL]   (default: $DROIDPOOL_MODEL, else the first /v1/models id)
+set -euo pipefail
+
+BASE=http://127.0.0.1:8765
+MODEL=${1:-${DROIDPOOL_MODEL:-}}
+
+echo "== GET /v1/models"
+curl -sS "$BASE/v1/models"
+echo
+if [ -z "$MODEL" ]; then
+  MODEL=$(curl -sS "$BASE/v1/models" | python3 -c 'import json, sys; print(json.load(sys.stdin)["data"][0]["id"])')
+fi
+
+echo "== streaming (-N: print each SSE event as it arrives)"
+curl -sS -N "$BASE/v1/chat/completions" \
+  -H 'Content-Type: application/json' \
+  -d '{"model": "'"$MODEL"'", "stream": true, "stream_options": {"include_usage": true},
+       "messages": [{"role": "user", "content": "Count from one to five in words."}]}'
+
+echo "== non-streaming, keeping the response headers"
+headers=$(mktemp)
+trap 'rm -f "$headers"' EXIT
+curl -sS -D "$headers" "$BASE/v1/chat/completions" \
+  -H 'Content-Type: application/json' \
+  -d '{"model": "'"$MODEL"'",
+       "messages": [{"role": "system", "content": "Answer in one short sentence."},
+                    {"role": "user", "content": "My favourite colour is teal. Say hi."}]}'
+echo
+SESSION=$(awk 'tolower($1) == "x-session-id:" {print $2}' "$headers" | tr -d '\r')
+echo "session: $SESSION"
+
+echo "== follow-up: only the new message, same droid session"
+curl -sS "$BASE/v1/chat/completions" \
+  -H 'Content-Type: application/json' \
+  -H "X-Session-Id: $SESSION" \
+  -d '{"model": "'"$MODEL"'",
+       "messages": [{"role": "user", "content": "What is my favourite colour?"}]}'
+echo
+
+echo "== sessions"
+curl -sS "$BASE/v1/sessions"
+echo
+curl -sS "$BASE/v1/sessions/$SESSION"
+echo
+# Forget it:  curl -sS -X DELETE "$BASE/v1/sessions/$SESSION"
