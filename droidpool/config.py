@@ -48,6 +48,10 @@ class ServerConfig:
     max_body_bytes: int = field(
         default=4 * 1024 * 1024, metadata={"doc": "Largest request body accepted, in bytes."}
     )
+    drain_grace_s: float = field(
+        default=30.0,
+        metadata={"doc": "On SIGTERM, how long running turns may finish before they are interrupted."},
+    )
     keepalive_s: float = field(
         default=10.0,
         metadata={"doc": "Seconds of droid silence before an SSE keep-alive comment is sent."},
@@ -101,8 +105,15 @@ class DroidConfig:
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A model to keep warm: at least ``spares`` spares, up to ``max_spares`` under demand."""
+
     id: str
     spares: int = 1
+    max_spares: int = -1  # -1: same as spares (no growth with demand)
+
+    def __post_init__(self) -> None:
+        if self.max_spares < self.spares:
+            object.__setattr__(self, "max_spares", self.spares)
 
 
 @dataclass(frozen=True)
@@ -113,7 +124,8 @@ class PoolConfig:
     models: tuple[ModelSpec, ...] = field(
         default=(),
         metadata={
-            "doc": "Models to keep warm: [{id = \"custom:my-model\", spares = 1}]; "
+            "doc": "Models to keep warm: [{id = \"custom:my-model\", spares = 1, max_spares = 3}] "
+            "(spares grow toward max_spares with the rate of new conversations); "
             "empty = one spare of droid's default model."
         },
     )
@@ -128,6 +140,28 @@ class PoolConfig:
     )
     stop_grace_s: float = field(
         default=3.0, metadata={"doc": "SIGTERM to SIGKILL grace when stopping a worker."}
+    )
+    memory_budget_mb: int = field(
+        default=0,
+        metadata={"doc": "RSS budget of all workers (whole process groups, from /proc); 0 = none. "
+                         "Over it, idle session workers are evicted (LRU), then surplus spares."},
+    )
+    max_worker_rss_mb: int = field(
+        default=600, metadata={"doc": "An idle worker above this RSS is recycled; 0 = never."}
+    )
+    max_turns_per_worker: int = field(
+        default=200, metadata={"doc": "An idle worker that ran this many turns is recycled; 0 = never."}
+    )
+    spare_max_age_s: float = field(
+        default=3600.0, metadata={"doc": "A spare older than this is replaced by a fresh one; 0 = never."}
+    )
+    idle_worker_ttl_s: float = field(
+        default=1800.0,
+        metadata={"doc": "An idle session worker unused this long is stopped (its session stays "
+                         "resumable); 0 = never."},
+    )
+    max_concurrent_spawns: int = field(
+        default=2, metadata={"doc": "Processes starting at once; more only slows every one on few cores."}
     )
     max_event_line_bytes: int = field(
         default=8 * 1024 * 1024,
@@ -319,6 +353,7 @@ def _check(config: Config, sources: dict[str, dict[str, str]]) -> None:
     require(0 <= s.port <= 65535, "server", "port", "between 0 and 65535")
     require(s.max_body_bytes >= 1024, "server", "max_body_bytes", "at least 1024")
     require(s.keepalive_s > 0, "server", "keepalive_s", "positive")
+    require(s.drain_grace_s >= 0, "server", "drain_grace_s", "0 or more")
     require(s.log_level in ("debug", "info", "warning", "error"), "server", "log_level",
             "one of debug, info, warning, error")
     require(d.autonomy in AUTONOMY_LEVELS, "droid", "autonomy", f"one of {', '.join(AUTONOMY_LEVELS)}")
@@ -330,6 +365,12 @@ def _check(config: Config, sources: dict[str, dict[str, str]]) -> None:
     require(p.queue_timeout_s > 0, "pool", "queue_timeout_s", "positive")
     require(p.spawn_timeout_s > 0, "pool", "spawn_timeout_s", "positive")
     require(p.stop_grace_s >= 0, "pool", "stop_grace_s", "0 or more")
+    require(p.memory_budget_mb >= 0, "pool", "memory_budget_mb", "0 or more")
+    require(p.max_worker_rss_mb >= 0, "pool", "max_worker_rss_mb", "0 or more")
+    require(p.max_turns_per_worker >= 0, "pool", "max_turns_per_worker", "0 or more")
+    require(p.spare_max_age_s >= 0, "pool", "spare_max_age_s", "0 or more")
+    require(p.idle_worker_ttl_s >= 0, "pool", "idle_worker_ttl_s", "0 or more")
+    require(p.max_concurrent_spawns >= 1, "pool", "max_concurrent_spawns", "at least 1")
     require(p.max_event_line_bytes >= 64 * 1024, "pool", "max_event_line_bytes", "at least 65536")
     require(all(m.spares >= 0 and m.id for m in p.models), "pool", "models",
             "entries with a non-empty id and spares >= 0")

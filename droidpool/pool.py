@@ -13,107 +13,38 @@ import anyio
 import anyio.abc
 import structlog
 
-from . import errors
-from .config import ModelSpec
+from . import errors, procfs
+from .policy import Assignment, Plan, PoolPolicy, WorkerView, assign, reconcile
+from .policy import Want as Want  # re-exported: callers lease with pool.Want
 from .worker import DroidRequestError, LaunchSpec, SessionSettings, Worker, WorkerState
 
 log = structlog.get_logger(__name__)
 
 SESSION_NOT_FOUND = -32004
-MAX_CONCURRENT_SPAWNS = 2  # on 2 cores, a stampede of spawns delays every one of them
 BACKOFF_MAX_S = 30.0
 NOT_READY_AFTER_FAILURES = 3
-
-
-# --- the decision, pure ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerView:
-    id: int
-    state: WorkerState
-    model_id: str | None
-    session_id: str | None
-    last_used: float
-    settings: SessionSettings | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Want:
-    """What a request needs: to continue ``session_id``, or a new session with ``settings``."""
-
-    settings: SessionSettings
-    session_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Assignment:
-    """``take`` a worker, optionally after ``evict``ing one; ``spawn`` a new one; or ``wait``."""
-
-    action: str  # "take" | "spawn" | "wait"
-    worker_id: int | None = None
-    evict_id: int | None = None
-
-
-def assign(workers: Sequence[WorkerView], want: Want, max_workers: int) -> Assignment:
-    """Choose a worker for a request; never exceeds ``max_workers`` live processes.
-
-    Continuing a session: the worker that holds it; else load it into the least recently
-    used idle worker, else a spare, else a new process. A new session: a spare with the same
-    settings, else any spare (re-initialized: it has run no turn), else a new process.
-    At the cap, the least recently used idle session worker is evicted to make room.
-    """
-    live = [w for w in workers if w.state is not WorkerState.DEAD]
-    idle = sorted((w for w in live if w.state is WorkerState.IDLE), key=lambda w: w.last_used)
-    spares = [w for w in live if w.state is WorkerState.READY]
-    if want.session_id is not None:
-        for w in idle:
-            if w.session_id == want.session_id:
-                return Assignment("take", w.id)
-        if idle:
-            return Assignment("take", idle[0].id)
-        if spares:
-            return Assignment("take", _best_spare(spares, want.settings).id)
-    else:
-        if spares:
-            return Assignment("take", _best_spare(spares, want.settings).id)
-    if len(live) < max_workers:
-        return Assignment("spawn")
-    if idle:
-        return Assignment("spawn", evict_id=idle[0].id)
-    return Assignment("wait")
-
-
-def _best_spare(spares: Sequence[WorkerView], settings: SessionSettings) -> WorkerView:
-    for w in spares:
-        if w.settings == settings:
-            return w
-    for w in spares:
-        if w.model_id == settings.model_id:
-            return w
-    return spares[0]
-
-
-def spares_to_start(
-    workers: Sequence[WorkerView], specs: Sequence[ModelSpec], max_workers: int, in_flight: int
-) -> list[str]:
-    """Model ids of the spares to spawn now so each model has its configured spares.
-
-    A spec id of "" stands for droid's default model (a worker whose model_id is None).
-    """
-    live = [w for w in workers if w.state is not WorkerState.DEAD]
-    room = min(max_workers - len(live), MAX_CONCURRENT_SPAWNS - in_flight)
-    out: list[str] = []
-    for spec in specs:
-        have = sum(
-            1 for w in live
-            if (w.model_id or "") == spec.id and w.state in (WorkerState.READY, WorkerState.STARTING)
-        )
-        out.extend([spec.id] * max(0, spec.spares - have))
-    return out[: max(0, room)]
+RECONCILE_EVERY_S = 1.0
+DEMAND_WINDOW_S = 30.0  # new conversations counted over this window size the spares
 
 
 # --- the pool --------------------------------------------------------------------------------
+
+
+class Summary:
+    """Count, sum and maximum of a duration, for metrics."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0.0
+        self.max = 0.0
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        self.total += value
+        self.max = max(self.max, value)
+
+    def snapshot(self) -> dict[str, float]:
+        return {"count": self.count, "sum_s": round(self.total, 6), "max_s": round(self.max, 6)}
 
 
 class Pool:
@@ -124,20 +55,12 @@ class Pool:
         spec: LaunchSpec,
         *,
         base_settings: SessionSettings,
-        models: Sequence[ModelSpec],
-        max_workers: int,
-        queue_size: int,
-        queue_timeout_s: float,
-        spawn_timeout_s: float,
+        policy: PoolPolicy,
         worker_factory: Callable[[LaunchSpec, str | None], Worker] = Worker,
     ) -> None:
         self.spec = spec
         self.base_settings = base_settings
-        self.model_specs = tuple(models)
-        self.max_workers = max_workers
-        self.queue_size = queue_size
-        self.queue_timeout_s = queue_timeout_s
-        self.spawn_timeout_s = spawn_timeout_s
+        self.policy = policy
         self._factory = worker_factory
         self.workers: list[Worker] = []
         self.available_models: list[dict[str, Any]] = []
@@ -148,10 +71,18 @@ class Pool:
         self._wake_reconcile = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._closing = False
+        self.draining = False
         self.spawn_failures = 0
         self.last_spawn_error: str | None = None
         self._backoff_until = 0.0
+        self._new_sessions: collections.deque[tuple[float, str]] = collections.deque(maxlen=1024)
         self.counters: collections.Counter[str] = collections.Counter()
+        self.queue_wait = Summary()
+        self.peak_workers = 0
+
+    @property
+    def max_workers(self) -> int:
+        return self.policy.max_workers
 
     def __repr__(self) -> str:
         states = collections.Counter(w.state.value for w in self.workers)
@@ -179,14 +110,45 @@ class Pool:
 
     @property
     def ready(self) -> bool:
-        """Can serve: not in a spawn-failure streak, and something is or can be made available."""
-        return self.spawn_failures < NOT_READY_AFTER_FAILURES and not self._closing
+        """Can serve: not draining, not in a spawn-failure streak."""
+        return self.spawn_failures < NOT_READY_AFTER_FAILURES and not (self._closing or self.draining)
+
+    def begin_drain(self) -> None:
+        """Refuse new leases (503); running turns go on. Queued requests are told at once."""
+        self.draining = True
+        for event in self._waiters:
+            event.set()
+
+    def reconfigure(self, policy: PoolPolicy, spec: LaunchSpec | None = None) -> None:
+        """Apply a reloaded config; running turns are untouched. Spares of an old launch
+        spec are replaced; used workers keep it until they are recycled."""
+        self.policy = policy
+        if spec is not None and spec != self.spec:
+            self.spec = spec
+            for worker in self.workers:
+                if worker.state is WorkerState.READY:
+                    self._retire_soon(worker, "reconfigured")
+        self._wake_all()
+        self._kick()
 
     def views(self) -> list[WorkerView]:
         return [
-            WorkerView(w.id, w.state, w.model_id, w.session_id, w.last_used, w.settings)
+            WorkerView(w.id, w.state, w.model_id, w.session_id, w.last_used, w.settings,
+                       w.turns, w.created_at, w.rss)
             for w in self.workers
         ]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and gauges for metrics and logs."""
+        return {
+            "workers": self.counts(),
+            "rss_bytes": sum(w.rss for w in self.workers),
+            "peak_workers": self.peak_workers,
+            "max_workers": self.max_workers,
+            "spawn_failures_in_a_row": self.spawn_failures,
+            "queue_wait": self.queue_wait.snapshot(),
+            **{f"{name}_total": value for name, value in sorted(self.counters.items())},
+        }
 
     def counts(self) -> dict[str, int]:
         states = collections.Counter(w.state.value for w in self.workers)
@@ -194,7 +156,7 @@ class Pool:
 
     async def wait_warm(self, timeout: float) -> bool:
         """Wait until the configured spares are ready (for readiness notification)."""
-        want = sum(m.spares for m in self._effective_specs())
+        want = sum(m.spares for m in self.policy.specs())
         with anyio.move_on_after(timeout):
             while sum(1 for w in self.workers if w.state is WorkerState.READY) < want:
                 if self.spawn_failures >= NOT_READY_AFTER_FAILURES:
@@ -231,9 +193,9 @@ class Pool:
 
     async def _acquire(self, want: Want) -> Worker:
         """Assign a worker now, or wait in a bounded FIFO queue until one frees up."""
-        if self._closing:
-            raise errors.Unavailable("droidpool is shutting down", retry_after=5)
-        deadline = time.monotonic() + self.queue_timeout_s
+        self._check_open()
+        started = time.monotonic()
+        deadline = started + self.policy.queue_timeout_s
         ticket: anyio.Event | None = None
         head = False  # a woken waiter decides before newcomers
         try:
@@ -244,12 +206,15 @@ class Pool:
                 if decision.action != "wait":
                     worker = await self._apply(decision, want)
                     if worker is not None:
+                        self.queue_wait.add(time.monotonic() - started)
+                        if want.session_id is None:
+                            self._new_sessions.append((time.monotonic(), want.settings.model_id or ""))
                         return worker
                     continue
-                if ticket is None and len(self._waiters) >= self.queue_size:
+                if ticket is None and len(self._waiters) >= self.policy.queue_size:
                     self.counters["rejected_queue_full"] += 1
                     raise errors.Overloaded(
-                        f"all {self.max_workers} droid workers are busy and the wait queue is full",
+                        f"all {self.policy.max_workers} droid workers are busy and the wait queue is full",
                         retry_after=2,
                     )
                 ticket = anyio.Event()
@@ -259,14 +224,19 @@ class Pool:
                 if not ticket.is_set():
                     self.counters["rejected_queue_timeout"] += 1
                     raise errors.Overloaded(
-                        f"no droid worker became free within {self.queue_timeout_s:g} s", retry_after=5
+                        f"no droid worker became free within {self.policy.queue_timeout_s:g} s", retry_after=5
                     )
+                self._check_open()
                 head = True
         finally:
             if ticket is not None and ticket in self._waiters:
                 self._waiters.remove(ticket)
             if head:
                 self._wake_one()  # pass the turn on if this waiter leaves without a worker
+
+    def _check_open(self) -> None:
+        if self._closing or self.draining:
+            raise errors.Unavailable("droidpool is shutting down", retry_after=5)
 
     async def _apply(self, decision: Assignment, want: Want) -> Worker | None:
         """Carry out a decision; None means the world changed meanwhile: decide again."""
@@ -304,7 +274,7 @@ class Pool:
         self._check_backoff()
         worker = self._new_worker(want.settings.model_id)
         worker.state = WorkerState.BUSY
-        self.workers.append(worker)
+        self._add(worker)
         try:
             await self._spawn(worker)
             await self._prepare(worker, want)
@@ -317,7 +287,7 @@ class Pool:
         try:
             if want.session_id is not None:
                 if worker.session_id != want.session_id:
-                    await worker.load_session(want.session_id, self.spawn_timeout_s)
+                    await worker.load_session(want.session_id, self.policy.spawn_timeout_s)
                     self.counters["session_loads"] += 1
                 if want.settings.model_id and worker.model_id != want.settings.model_id:
                     await worker.set_model(want.settings.model_id)
@@ -325,7 +295,7 @@ class Pool:
                     await worker.set_reasoning_effort(want.settings.reasoning_effort)
             elif worker.settings != want.settings or worker.session_id is None:
                 # Safe only because this process has run no turn (droid leaks old context).
-                await worker.initialize(want.settings, self.spawn_timeout_s)
+                await worker.initialize(want.settings, self.policy.spawn_timeout_s)
             self._remember_models(worker)
         except DroidRequestError as exc:
             if exc.code == SESSION_NOT_FOUND:
@@ -347,15 +317,15 @@ class Pool:
         self.counters["spawns"] += 1
         try:
             await worker.start(self._tg)
-            with anyio.fail_after(self.spawn_timeout_s):
-                models = await worker.list_models(self.spawn_timeout_s)
+            with anyio.fail_after(self.policy.spawn_timeout_s):
+                models = await worker.list_models(self.policy.spawn_timeout_s)
             if models:
                 self.available_models = models
         except (errors.DroidpoolError, DroidRequestError, TimeoutError) as exc:
             self.spawn_failures += 1
             self.counters["spawn_failures"] += 1
             message = str(exc) if not isinstance(exc, TimeoutError) else (
-                f"droid did not answer within {self.spawn_timeout_s:g} s of starting"
+                f"droid did not answer within {self.policy.spawn_timeout_s:g} s of starting"
             )
             tail = worker.stderr_tail(300)
             self.last_spawn_error = message if not tail or tail in message else f"{message}: {tail}"
@@ -385,6 +355,11 @@ class Pool:
         await worker.stop()
         self._prune()
 
+    def _add(self, worker: Worker) -> None:
+        self.workers.append(worker)
+        live = sum(1 for w in self.workers if w.state is not WorkerState.DEAD)
+        self.peak_workers = max(self.peak_workers, live)
+
     def _new_worker(self, model_id: str | None) -> Worker:
         worker = self._factory(self.spec, model_id)
         worker.on_exit = self._on_worker_exit
@@ -413,30 +388,67 @@ class Pool:
                 event.set()
                 return
 
+    def _wake_all(self) -> None:
+        while self._waiters:
+            self._waiters.popleft().set()
+
     def _kick(self) -> None:
         self._wake_reconcile.set()
 
-    # --- spares ------------------------------------------------------------------------------
+    # --- supervision -------------------------------------------------------------------------
 
-    def _effective_specs(self) -> tuple[ModelSpec, ...]:
-        if self.model_specs:
-            return self.model_specs
-        return (ModelSpec(id=self.base_settings.model_id or "", spares=1),)
+    def demand(self, now: float) -> dict[str, int]:
+        counts: collections.Counter[str] = collections.Counter()
+        for at, model in self._new_sessions:
+            if now - at <= DEMAND_WINDOW_S:
+                counts[model] += 1
+        return dict(counts)
+
+    def plan(self) -> Plan:
+        """The supervisor's next step (pure: see policy.reconcile)."""
+        now = time.monotonic()
+        return reconcile(self.views(), self.policy, now, demand=self.demand(now),
+                         in_flight=self._spawning, reserved=self._reserved)
+
+    def _measure(self) -> None:
+        pids = {w.pid: w for w in self.workers if w.pid is not None and w.alive}
+        for pgid, rss in procfs.group_rss(pids).items():
+            pids[pgid].rss = rss
 
     async def _reconcile_loop(self) -> None:
         while True:
             self._prune()
-            if not self._closing and time.monotonic() >= self._backoff_until:
-                views = self.views()
-                room = self.max_workers - self._reserved
-                for model_id in spares_to_start(views, self._effective_specs(), room, self._spawning):
-                    assert self._tg is not None
-                    worker = self._new_worker(model_id or None)
-                    self.workers.append(worker)
-                    self._tg.start_soon(self._start_spare, worker)
-            with anyio.move_on_after(1.0):
+            self._measure()
+            if not self._closing and not self.draining:
+                plan = self.plan()
+                for stop in plan.stop:
+                    worker = self._by_id(stop.worker_id)
+                    if worker is not None:
+                        self._retire_soon(worker, stop.reason)
+                if time.monotonic() >= self._backoff_until:
+                    for model_id in plan.start:
+                        worker = self._new_worker(model_id or None)
+                        self._add(worker)
+                        assert self._tg is not None
+                        self._tg.start_soon(self._start_spare, worker)
+            with anyio.move_on_after(RECONCILE_EVERY_S):
                 await self._wake_reconcile.wait()
             self._wake_reconcile = anyio.Event()
+
+    def _retire_soon(self, worker: Worker, reason: str) -> None:
+        """Stop an idle worker or a spare in the background; a busy one is left alone."""
+        if worker.state not in (WorkerState.IDLE, WorkerState.READY):
+            return
+        worker.state = WorkerState.STOPPING
+        self.counters[f"stops_{reason}"] += 1
+        if reason in ("recycle_turns", "recycle_rss"):
+            self.counters["recycles"] += 1
+        elif reason in ("memory", "room_for_spare", "idle_ttl"):
+            self.counters["evictions"] += 1
+        log.info("pool.retire", worker=worker.id, reason=reason, session=worker.session_id,
+                 rss_mb=worker.rss // (1024 * 1024), turns=worker.turns)
+        assert self._tg is not None
+        self._tg.start_soon(self._stop, worker)
 
     async def _start_spare(self, worker: Worker) -> None:
         settings = self.base_settings
@@ -447,7 +459,7 @@ class Pool:
             )
         try:
             await self._spawn(worker)
-            await worker.initialize(settings, self.spawn_timeout_s)
+            await worker.initialize(settings, self.policy.spawn_timeout_s)
             self._remember_models(worker)
         except (errors.DroidpoolError, DroidRequestError, TimeoutError) as exc:
             log.warning("pool.spare_failed", worker=worker.id, error=str(exc))

@@ -16,6 +16,7 @@ from aiohttp import web
 from .chat import ChatService
 from .config import ALL_TOOL_IDS, Config
 from .http import build_app
+from .policy import PoolPolicy
 from .pool import Pool
 from .store import SessionStore
 from .worker import LaunchSpec, SessionSettings
@@ -79,11 +80,7 @@ def build_pool(config: Config, spec: LaunchSpec | None = None) -> Pool:
     return Pool(
         spec or launch_spec(config),
         base_settings=base_settings(config),
-        models=config.pool.models,
-        max_workers=config.pool.max_workers,
-        queue_size=config.pool.queue_size,
-        queue_timeout_s=config.pool.queue_timeout_s,
-        spawn_timeout_s=config.pool.spawn_timeout_s,
+        policy=PoolPolicy.from_config(config.pool),
     )
 
 

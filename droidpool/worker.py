@@ -150,6 +150,7 @@ class Worker:
         self.last_used = self.created_at
         self.available_models: list[dict[str, Any]] = []
         self.exit_code: int | None = None
+        self.rss = 0  # bytes, of the whole process group; measured by the pool
         self._process: anyio.abc.Process | None = None
         self._stderr: collections.deque[bytes] = collections.deque()
         self._stderr_size = 0
