@@ -49,10 +49,18 @@ def serve(config_path: Path | None, host: str | None, port: int | None, log_leve
     from .service import StartupError
     from .service import serve as run
 
-    config = _load(config_path, {"server.host": host, "server.port": port, "server.log_level": log_level})
+    overrides = {"server.host": host, "server.port": port, "server.log_level": log_level}
+    config = _load(config_path, overrides)
     logs.configure(config.server.log_level)
+
+    def reload() -> Config:
+        """SIGHUP: the same file, environment and flags, read again."""
+        return load(config_path, overrides={k: v for k, v in overrides.items() if v is not None})
+
+    if config_path is None and Path(DEFAULT_CONFIG_NAME).is_file():
+        config_path = Path(DEFAULT_CONFIG_NAME)
     try:
-        anyio.run(run, config)
+        anyio.run(run, config, reload)
     except StartupError as exc:
         raise click.ClickException(str(exc)) from None
     except BaseExceptionGroup as group:

@@ -79,6 +79,7 @@ class Pool:
         self.counters: collections.Counter[str] = collections.Counter()
         self.queue_wait = Summary()
         self.peak_workers = 0
+        self._last_reconcile = time.monotonic()
 
     @property
     def max_workers(self) -> int:
@@ -415,8 +416,12 @@ class Pool:
         for pgid, rss in procfs.group_rss(pids).items():
             pids[pgid].rss = rss
 
+    def supervisor_alive(self, max_age_s: float) -> bool:
+        return time.monotonic() - self._last_reconcile <= max_age_s
+
     async def _reconcile_loop(self) -> None:
         while True:
+            self._last_reconcile = time.monotonic()
             self._prune()
             self._measure()
             if not self._closing and not self.draining:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 import anyio
@@ -14,11 +14,13 @@ import structlog
 from aiohttp import web
 
 from .chat import ChatService
-from .config import ALL_TOOL_IDS, Config
+from . import logs
+from .config import ALL_TOOL_IDS, Config, ConfigError
 from .http import build_app
 from .policy import PoolPolicy
 from .pool import Pool
 from .store import SessionStore
+from .systemd import Notifier
 from .worker import LaunchSpec, SessionSettings
 
 log = structlog.get_logger(__name__)
@@ -96,26 +98,131 @@ def build_chat(config: Config, pool: Pool, store: SessionStore) -> ChatService:
     )
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT (handled from the first instant, even while warming up)."""
-    spec = launch_spec(config)  # a StartupError here reaches the CLI as a plain message
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        stop = anyio.Event()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_watch_signals, signals, stop)
-            await _run(config, spec, stop, tg)
-            tg.cancel_scope.cancel()
+async def serve(config: Config, reload: Callable[[], Config] | None = None) -> None:
+    """Run until SIGTERM or SIGINT; SIGHUP re-reads the config with ``reload``."""
+    await Daemon(config, reload).run()
 
 
-async def _watch_signals(signals: AsyncIterator[int], stop: anyio.Event) -> None:
-    async for signum in signals:
-        log.info("droidpool.signal", signal=signal.Signals(signum).name)
-        stop.set()
+class Daemon:
+    """Startup → main loop → shutdown. Signal handlers only queue; the loop acts."""
 
+    def __init__(self, config: Config, reload: Callable[[], Config] | None = None) -> None:
+        self.config = config
+        self._reload = reload
+        self._stop = anyio.Event()
+        self.notifier = Notifier()
+        self.pool: Pool | None = None
+        self.chat: ChatService | None = None
 
-async def _announce_ready(pool: Pool, timeout: float) -> None:
-    warm = await pool.wait_warm(timeout)
-    log.info("droidpool.ready" if warm else "droidpool.not_warm", pool=repr(pool), cause=pool.last_spawn_error)
+    async def run(self) -> None:
+        spec = launch_spec(self.config)  # a StartupError here reaches the CLI as a plain message
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._handle_signals, signals)
+                await self._serve(spec, tg)
+                tg.cancel_scope.cancel()
+
+    async def _handle_signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            log.info("droidpool.signal", signal=signal.Signals(signum).name)
+            if signum == signal.SIGHUP:
+                self.reload()
+            else:
+                self._stop.set()
+
+    def reload(self) -> None:
+        """Apply a re-read config to the running pool and deadlines; turns keep running."""
+        if self._reload is None or self.pool is None or self.chat is None:
+            return
+        self.notifier.send(reloading=1, status="reloading configuration")
+        try:
+            new = self._reload()
+            spec = launch_spec(new)
+        except (ConfigError, StartupError) as exc:
+            log.error("droidpool.reload_failed", error=str(exc))
+            self.notifier.send(ready=1, status=f"reload failed: {exc}")
+            return
+        restart_only = [
+            key for key in ("host", "port", "state_dir", "max_body_bytes")
+            if getattr(new.server, key) != getattr(self.config.server, key)
+        ]
+        if restart_only or new.store != self.config.store:
+            log.warning("droidpool.reload_needs_restart", keys=restart_only or ["store"])
+        self.pool.reconfigure(PoolPolicy.from_config(new.pool), spec)
+        self.chat.first_token_s = new.deadlines.first_token_s
+        self.chat.turn_s = new.deadlines.turn_s
+        self.chat.interrupt_grace_s = new.deadlines.interrupt_grace_s
+        if new.server.log_level != self.config.server.log_level:
+            logs.configure(new.server.log_level)
+        self.config = new
+        log.info("droidpool.reloaded", pool=repr(self.pool))
+        self.notifier.send(ready=1, status=self._status())
+
+    def _status(self) -> str:
+        if self.pool is None:
+            return "starting"
+        counts = self.pool.counts()
+        return (f"{counts['busy']} busy, {counts['idle']} idle, {counts['ready']} spare, "
+                f"{counts['starting']} starting, {counts['queued']} queued")
+
+    async def _serve(self, spec: LaunchSpec, tg: anyio.abc.TaskGroup) -> None:
+        config = self.config
+        store = SessionStore(config.store_path, config.store.session_ttl_s)
+        await store.open()
+        try:
+            async with build_pool(config, spec) as pool:
+                self.pool = pool
+                self.chat = build_chat(config, pool, store)
+                app = build_app(self.chat, pool, store, max_body_bytes=config.server.max_body_bytes,
+                                keepalive_s=config.server.keepalive_s)
+                # On shutdown aiohttp stops listening, lets running handlers finish for
+                # drain_grace_s, then cancels them: a cancelled turn is interrupted, not lost.
+                runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                       shutdown_timeout=config.server.drain_grace_s)
+                await runner.setup()
+                try:
+                    await self._listen(runner)
+                    tg.start_soon(self._announce_ready, pool, tg)
+                    tg.start_soon(_sweep_sessions, store)
+                    await self._stop.wait()
+                    log.info("droidpool.stopping", pool=repr(pool))
+                    self.notifier.send(stopping=1, status="draining")
+                    pool.begin_drain()
+                finally:
+                    await runner.cleanup()
+        finally:
+            await store.close()
+        log.info("droidpool.stopped")
+
+    async def _listen(self, runner: web.AppRunner) -> None:
+        host, port = self.config.server.host, self.config.server.port
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        log.info("droidpool.listening", host=host, port=port)
+
+    async def _announce_ready(self, pool: Pool, tg: anyio.abc.TaskGroup) -> None:
+        """READY=1 once listening and the configured spares are warm (or their start failed);
+        the watchdog starts after it."""
+        warm = await pool.wait_warm(self.config.pool.spawn_timeout_s)
+        log.info("droidpool.ready" if warm else "droidpool.not_warm", pool=repr(pool), cause=pool.last_spawn_error)
+        self.notifier.send(ready=1, status=self._status())
+        if self.notifier.watchdog_interval_s:
+            tg.start_soon(self._watchdog, pool, self.notifier.watchdog_interval_s)
+        while True:
+            await anyio.sleep(5)
+            self.notifier.send(status=self._status())
+
+    async def _watchdog(self, pool: Pool, interval: float) -> None:
+        """WATCHDOG=1 only while the supervisor loop is making progress."""
+        while True:
+            if pool.supervisor_alive(max_age_s=max(5.0, interval * 2)):
+                self.notifier.send(watchdog=1)
+            else:
+                log.error("droidpool.supervisor_stalled", pool=repr(pool))
+            await anyio.sleep(interval)
 
 
 async def _sweep_sessions(store: SessionStore, every_s: float = 600.0) -> None:
@@ -125,43 +232,3 @@ async def _sweep_sessions(store: SessionStore, every_s: float = 600.0) -> None:
         if swept:
             log.info("store.swept", sessions=swept)
         await anyio.sleep(every_s)
-
-
-async def _run(config: Config, spec: LaunchSpec, stop: anyio.Event, tg: anyio.abc.TaskGroup) -> None:
-    """Start store → pool → HTTP site → readiness; wait for ``stop``; stop in reverse."""
-    store = SessionStore(config.store_path, config.store.session_ttl_s)
-    await store.open()
-    try:
-        async with build_pool(config, spec) as pool:
-            app = build_app(
-                build_chat(config, pool, store),
-                pool,
-                store,
-                max_body_bytes=config.server.max_body_bytes,
-                keepalive_s=config.server.keepalive_s,
-            )
-            runner = web.AppRunner(
-                app,
-                access_log=None,
-                handle_signals=False,
-                shutdown_timeout=config.deadlines.interrupt_grace_s + 5,
-            )
-            await runner.setup()
-            try:
-                site = web.TCPSite(runner, config.server.host, config.server.port)
-                try:
-                    await site.start()
-                except OSError as exc:
-                    raise StartupError(
-                        f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror or exc}"
-                    ) from None
-                log.info("droidpool.listening", host=config.server.host, port=config.server.port)
-                tg.start_soon(_announce_ready, pool, config.pool.spawn_timeout_s)
-                tg.start_soon(_sweep_sessions, store)
-                await stop.wait()
-                log.info("droidpool.stopping", pool=repr(pool))
-            finally:
-                await runner.cleanup()
-    finally:
-        await store.close()
-    log.info("droidpool.stopped")

@@ -178,7 +178,8 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
-def start_daemon(tmp: Path, sections: dict[str, dict[str, Any]], ready_timeout: float = 30) -> Daemon:
+def start_daemon(tmp: Path, sections: dict[str, dict[str, Any]], ready_timeout: float = 30,
+                 env: dict[str, str] | None = None) -> Daemon:
     port = free_port()
     sections = {**sections, "server": {"port": port, "state_dir": str(tmp / "state"), **sections.get("server", {})}}
     config = write_config(tmp / "droidpool.toml", sections)
@@ -189,7 +190,7 @@ def start_daemon(tmp: Path, sections: dict[str, dict[str, Any]], ready_timeout: 
             cwd=tmp,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env={k: v for k, v in os.environ.items() if not k.startswith("DROIDPOOL_")},
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("DROIDPOOL_")}, **(env or {})},
         )
     daemon = Daemon(process, port, log_path)
 
