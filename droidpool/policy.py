@@ -220,14 +220,20 @@ def reconcile(
     memory_room = (
         math.floor((policy.memory_budget - total) / per_worker) if policy.memory_budget else len(workers) + policy.max_workers
     )
-    wanted: list[str] = []
+    # The configured minimum spares always start (the operator's reservation, never evicted
+    # for memory); spares above it, for demand, only as far as the memory budget allows.
+    floor_wanted: list[str] = []
+    demand_wanted: list[str] = []
     for model, target in targets.items():
         have = sum(
             1 for w in kept()
             if (w.model_id or "") == model and w.state in (WorkerState.READY, WorkerState.STARTING)
         )
-        wanted.extend([model] * max(0, target - have))
-    wanted = wanted[: max(0, memory_room)]
+        missing = max(0, target - have)
+        below_floor = min(missing, max(0, floors[model] - have))
+        floor_wanted.extend([model] * below_floor)
+        demand_wanted.extend([model] * (missing - below_floor))
+    wanted = floor_wanted + demand_wanted[: max(0, memory_room - len(floor_wanted))]
     if len(wanted) > room:
         # At the cap: idle session workers give way to the spares new conversations need.
         idle = sorted((w for w in kept() if w.state is WorkerState.IDLE), key=lambda w: w.last_used)

@@ -24,6 +24,7 @@ SESSION_NOT_FOUND = -32004
 BACKOFF_MAX_S = 30.0
 NOT_READY_AFTER_FAILURES = 3
 RECONCILE_EVERY_S = 1.0
+MAX_RETRIES_BEFORE_TURN = 2
 DEMAND_WINDOW_S = 30.0  # new conversations counted over this window size the spares
 
 
@@ -198,6 +199,7 @@ class Pool:
         started = time.monotonic()
         deadline = started + self.policy.queue_timeout_s
         ticket: anyio.Event | None = None
+        crashes_before_turn = 0
         head = False  # a woken waiter decides before newcomers
         try:
             while True:
@@ -205,7 +207,15 @@ class Pool:
                 if head or not self._waiters:
                     decision = assign(self.views(), want, self.max_workers - self._reserved)
                 if decision.action != "wait":
-                    worker = await self._apply(decision, want)
+                    try:
+                        worker = await self._apply(decision, want)
+                    except errors.WorkerCrashed:
+                        # It died before the turn began: nothing was sent, so try another.
+                        crashes_before_turn += 1
+                        if crashes_before_turn > MAX_RETRIES_BEFORE_TURN:
+                            raise
+                        log.warning("pool.retry_after_crash", attempt=crashes_before_turn)
+                        continue
                     if worker is not None:
                         self.queue_wait.add(time.monotonic() - started)
                         if want.session_id is None:
@@ -323,16 +333,22 @@ class Pool:
             if models:
                 self.available_models = models
         except (errors.DroidpoolError, DroidRequestError, TimeoutError) as exc:
-            self.spawn_failures += 1
-            self.counters["spawn_failures"] += 1
             message = str(exc) if not isinstance(exc, TimeoutError) else (
                 f"droid did not answer within {self.policy.spawn_timeout_s:g} s of starting"
             )
             tail = worker.stderr_tail(300)
-            self.last_spawn_error = message if not tail or tail in message else f"{message}: {tail}"
+            message = message if not tail or tail in message else f"{message}: {tail}"
+            if worker.exit_code is not None and worker.exit_code < 0 and worker.state is not WorkerState.STOPPING:
+                # Killed by a signal from outside: a crash to replace, not a sign that droid
+                # cannot start (those exit with a status, or never answer).
+                log.warning("pool.spawn_killed", worker=worker.id, signal=-worker.exit_code)
+                raise errors.WorkerCrashed(f"a starting droid worker was killed: {message}") from None
+            self.spawn_failures += 1
+            self.counters["spawn_failures"] += 1
+            self.last_spawn_error = message
             self._backoff_until = time.monotonic() + min(BACKOFF_MAX_S, 0.5 * 2**self.spawn_failures)
-            log.error("pool.spawn_failed", worker=worker.id, error=self.last_spawn_error, failures=self.spawn_failures)
-            raise errors.Unavailable(f"cannot start a droid worker: {self.last_spawn_error}", retry_after=5) from None
+            log.error("pool.spawn_failed", worker=worker.id, error=message, failures=self.spawn_failures)
+            raise errors.Unavailable(f"cannot start a droid worker: {message}", retry_after=5) from None
         finally:
             self._spawning -= 1
         self.spawn_failures = 0

@@ -116,6 +116,13 @@ def test_over_the_memory_budget_lru_idle_go_first_then_surplus_spares() -> None:
     assert tighter.start == ()
 
 
+def test_minimum_spares_start_even_before_memory_is_measured_but_growth_is_budgeted() -> None:
+    p = policy(models=(ModelSpec("m", 1, 3),), memory_budget=300 * MB, max_concurrent_spawns=4)
+    assert reconcile([], p, NOW, demand={"m": 3}).start == ("m",)  # 1 floor; no room for 2 more at 200 MB
+    roomy = policy(models=(ModelSpec("m", 1, 3),), memory_budget=2000 * MB, max_concurrent_spawns=4)
+    assert reconcile([], roomy, NOW, demand={"m": 3}).start == ("m", "m", "m")
+
+
 def test_spares_follow_demand_between_min_and_max() -> None:
     specs = (ModelSpec("m", 1, 3),)
     assert spare_targets(specs, {}) == {"m": 1}
@@ -186,6 +193,15 @@ def test_reconcile_respects_every_bound(workers: list[WorkerView], p: PoolPolicy
     assert len({s.worker_id for s in plan.stop}) == len(plan.stop)
     for stop in plan.stop:
         assert by_id[stop.worker_id].state in (R, I)  # busy, starting and stopping workers are never stopped
-    if p.memory_budget and plan.start:
-        kept = sum(w.rss for w in workers if w.state not in (D, WorkerState.STOPPING) and w.id not in {s.worker_id for s in plan.stop})
-        assert kept < p.memory_budget
+    if p.memory_budget:
+        starts_per_model: dict[str, int] = {}
+        for model in plan.start:
+            starts_per_model[model] = starts_per_model.get(model, 0) + 1
+        for spec in p.specs():
+            have = sum(1 for w in workers if w.state in (R, WorkerState.STARTING) and (w.model_id or "") == spec.id
+                       and w.id not in {s.worker_id for s in plan.stop})
+            # Above the configured minimum, spares start only within the memory budget.
+            if starts_per_model.get(spec.id, 0) > max(0, spec.spares - have):
+                kept = sum(w.rss for w in workers if w.state not in (D, WorkerState.STOPPING)
+                           and w.id not in {s.worker_id for s in plan.stop})
+                assert kept < p.memory_budget
