@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,11 +16,21 @@ from . import conversation, errors
 from .conversation import ChatMessage
 from .openai import ChatRequest
 from .pool import Pool, Want
-from .protocol import TextDelta, ThinkingDelta, TurnEvent, Usage
-from .store import SessionStore
-from .worker import SessionSettings, TurnStream, Worker
+from .protocol import TextDelta, ThinkingDelta, TurnCompleted, TurnEvent, Usage
+from .store import SessionRecord, SessionStore
+from .worker import DroidRequestError, SessionSettings, TurnStream, Worker
 
 log = structlog.get_logger(__name__)
+
+KEY_LOCK = "conversation-id:"  # pool.session_lock namespace for conversation ids
+
+
+@dataclass
+class Outcome:
+    """How a turn ended, as far as the store is concerned."""
+
+    completed: TurnCompleted | None = None  # droid's end of turn, successful or not
+    recorded: bool = False  # the new head was stored
 
 
 @dataclass
@@ -33,6 +43,9 @@ class Turn:
     stream: TurnStream
     first_token_s: float
     total_s: float
+    base: str  # digest of the history before ``sent``
+    sent: tuple[ChatMessage, ...]  # the request's messages this turn gives droid
+    outcome: Outcome = field(default_factory=Outcome)
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
 
@@ -61,6 +74,8 @@ class Turn:
                 continue
             if self.first_token_at is None and isinstance(event, TextDelta | ThinkingDelta):
                 self.first_token_at = time.monotonic()
+            if isinstance(event, TurnCompleted):
+                self.outcome.completed = event
             yield event
 
 
@@ -124,67 +139,205 @@ class ChatService:
     # --- a turn ------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def turn(self, request: ChatRequest) -> AsyncIterator[Turn]:
+    async def turn(self, request: ChatRequest, conversation_key: str | None = None) -> AsyncIterator[Turn]:
         """Find the session, lease a worker, start the turn; the block consumes its events.
 
-        Leaving the block before the turn completes interrupts it; a completed turn is
-        recorded so the next request (stateless resend or by session id) continues it.
+        The session is the one named by ``request.session_id``, else the one named by
+        ``conversation_key`` (created on first use), else the one whose history the request
+        resends, else a new one. Leaving the block before the turn completes interrupts it;
+        a completed turn is recorded (``record``) so the next request continues it, and a turn
+        that reached droid but was not recorded counts as failed (``store.fail_turn``).
         """
         model_id = self.resolve_model(request)
         split = conversation.split(request.messages)
         seed = conversation.seed(split.system)
-        record = None
-        if request.session_id is not None:
-            record = await self.store.get(request.session_id)
-            if record is None:
-                raise errors.SessionNotFound(
-                    f"No session {request.session_id!r} (unknown or expired).", param="session_id"
-                )
-            base = record.head_digest or seed
-        elif split.history:
-            base = conversation.extend(seed, split.history)
-            record = await self.store.find_head(base)
-        else:
-            base = seed
         async with AsyncExitStack() as stack:
+            if conversation_key is not None:
+                # Held for the whole turn: a conversation id's first uses never race.
+                await stack.enter_async_context(self.pool.session_lock(KEY_LOCK + conversation_key))
+            record = await self._continued(request, split, seed, conversation_key, stack)
+            worker = None
             if record is not None:
-                await stack.enter_async_context(self.pool.session_lock(record.session_id))
-                if request.session_id is None:
-                    # Another request on the same history may have moved it on meanwhile.
-                    current = await self.store.get(record.session_id)
-                    if current is None or current.head_digest != base:
-                        record = None
-            settings = self._settings(model_id, request, split.system if record is None else None)
-            if record is not None:
+                worker = await self._lease_continued(record, model_id, request, stack)
+            if record is not None and worker is not None:
+                session_id = record.session_id
+                base = record.head_digest or seed
+                sent: tuple[ChatMessage, ...] = split.new
                 prompt = conversation.turn_text(split.new)
-                want = Want(settings, session_id=record.session_id)
+                await self.store.begin_turn(session_id)
             else:
+                record = None
+                worker = await self._lease_new(model_id, request, split.system, conversation_key, stack)
+                assert worker.session_id is not None
+                session_id = worker.session_id
+                base = seed
+                sent = (*split.history, *split.new)
                 prompt = conversation.transcript_prompt(split.history, split.new)
-                base = conversation.extend(seed, split.history)
-                want = Want(settings)
-            worker = await stack.enter_async_context(self.pool.lease(want))
-            session_id = worker.session_id
-            assert session_id is not None
-            if record is None:
-                await self.store.create(session_id, request.model)
-                await stack.enter_async_context(self.pool.session_lock(session_id))
+            outcome = Outcome()
+            stack.push_async_callback(self._settle, session_id, outcome)
             log.debug("chat.turn", session=session_id, worker=worker.id, new=record is None, prompt=prompt)
             stream = await stack.enter_async_context(worker.turn(prompt, self.interrupt_grace_s))
-            turn = Turn(session_id, worker, record is None, stream, self.first_token_s, self.turn_s)
-            yield turn
+            yield Turn(session_id, worker, record is None, stream, self.first_token_s, self.turn_s,
+                       base, sent, outcome)
+
+    async def _lease_continued(
+        self, record: SessionRecord, model_id: str, request: ChatRequest, stack: AsyncExitStack
+    ) -> Worker | None:
+        """A worker holding ``record``'s session; None if droid lost it and the client resent
+        its whole history (so a new session loses nothing)."""
+        want = Want(self._settings(model_id, request, None), session_id=record.session_id)
+        try:
+            return await stack.enter_async_context(self.pool.lease(want))
+        except errors.SessionNotFound:
+            # droid lost the session (its files were removed): forget it too.
+            log.warning("chat.session_lost", session=record.session_id)
+            await self.store.delete(record.session_id)
+            if request.session_id is None and record.conversation_key is None:
+                return None
+            raise errors.SessionNotFound(
+                f"droid no longer has session {record.session_id!r}; it is forgotten, "
+                "and the next request starts a new one.",
+                param="session_id" if request.session_id is not None else "conversation_id",
+            ) from None
+
+    async def _lease_new(
+        self, model_id: str, request: ChatRequest, system: str, key: str | None, stack: AsyncExitStack
+    ) -> Worker:
+        """A worker with a new session, recorded (named ``key``) with a turn in flight."""
+        worker = await stack.enter_async_context(self.pool.lease(Want(self._settings(model_id, request, system))))
+        assert worker.session_id is not None
+        if not await self.store.create(worker.session_id, request.model, conversation_key=key, in_flight=True):
+            raise errors.ConversationConflict(  # only if another process took the id meanwhile
+                f"The conversation id {key!r} names another session.", param="conversation_id"
+            )
+        await stack.enter_async_context(self.pool.session_lock(worker.session_id))
+        return worker
+
+    async def _continued(
+        self,
+        request: ChatRequest,
+        split: conversation.Split,
+        seed: str,
+        key: str | None,
+        stack: AsyncExitStack,
+    ) -> SessionRecord | None:
+        """The session this request continues, its lock held on ``stack``; None: a new one."""
+        if request.session_id is not None:
+            record = await self._lock(request.session_id, stack, lambda r: True)
+            if record is None:
+                raise errors.SessionNotFound(
+                    f"No session {request.session_id!r} (unknown, expired or deleted).", param="session_id"
+                )
+            if key is not None and record.conversation_key != key:
+                await self._bind(record.session_id, key)
+            return record
+        if key is not None:
+            named = await self.store.by_key(key)
+            if named is not None:
+                # Under the key's lock only a DELETE can change it meanwhile: then start anew.
+                return await self._lock(named.session_id, stack, lambda r: r.conversation_key == key)
+        if not split.history:
+            return None
+        base = conversation.extend(seed, split.history)
+        found = await self.store.find_head(base)
+        if found is None:
+            return None
+        # Another request on the same history may have moved it on meanwhile.
+        record = await self._lock(found.session_id, stack, lambda r: r.head_digest == base and r.matchable)
+        if record is not None and key is not None:
+            await self._bind(record.session_id, key)
+        return record
+
+    async def _lock(
+        self, session_id: str, stack: AsyncExitStack, accept: Callable[[SessionRecord], bool]
+    ) -> SessionRecord | None:
+        """Take the session's lock and read it again; keep the lock only if it is ``accept``ed.
+
+        Deciding after the lock is what makes a DELETE, or a concurrent turn that moved the
+        session on, win over a request that found the session just before.
+        """
+        held = AsyncExitStack()
+        await held.enter_async_context(self.pool.session_lock(session_id))
+        try:
+            record = await self.store.get(session_id)
+        except BaseException:
+            await held.aclose()
+            raise
+        if record is None or not accept(record):
+            await held.aclose()
+            return None
+        stack.push_async_callback(held.aclose)
+        return record
+
+    async def _bind(self, session_id: str, key: str) -> None:
+        if not await self.store.bind_key(session_id, key):
+            raise errors.ConversationConflict(
+                f"The conversation id {key!r} already names another session.", param="conversation_id"
+            )
+
+    async def _settle(self, session_id: str, outcome: Outcome) -> None:
+        """A turn that reached droid and was not recorded failed: keep its usage, and keep
+        stateless resends off the session, whose droid history now holds the failed message."""
+        if outcome.recorded:
+            return
+        usage = outcome.completed.usage if outcome.completed is not None else Usage()
+        with anyio.CancelScope(shield=True):
+            await self.store.fail_turn(session_id, usage)
+        log.info("chat.turn_failed", session=session_id,
+                 reason=outcome.completed.reason if outcome.completed else "incomplete")
 
     async def record(self, turn: Turn, request: ChatRequest, answer: str, usage: Usage) -> None:
         """Store the session's new head: its history now ends with this answer."""
-        split = conversation.split(request.messages)
-        if request.session_id is not None:
-            existing = await self.store.get(turn.session_id)
-            base = (existing.head_digest if existing else None) or conversation.seed(split.system)
-            messages: Sequence[ChatMessage] = split.new
-        else:
-            base = conversation.seed(split.system)
-            messages = (*split.history, *split.new)
-        head = conversation.extend(base, (*messages, ChatMessage("assistant", answer)))
+        head = conversation.extend(turn.base, (*turn.sent, ChatMessage("assistant", answer)))
         await self.store.complete_turn(turn.session_id, request.model, head, usage)
+        turn.outcome.recorded = True
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    async def fork(self, session_id: str, conversation_key: str | None = None) -> SessionRecord:
+        """A new session with a copy of ``session_id``'s droid history (``droid.fork_session``).
+
+        The source is untouched. The fork has the source's history digest but is not continued
+        by a stateless resend until it has run a turn of its own: it is meant to be used by id.
+        """
+        async with AsyncExitStack() as stack:
+            if conversation_key is not None:
+                await stack.enter_async_context(self.pool.session_lock(KEY_LOCK + conversation_key))
+                if await self.store.by_key(conversation_key) is not None:
+                    raise errors.ConversationConflict(
+                        f"The conversation id {conversation_key!r} already names another session.",
+                        param="conversation_id",
+                    )
+            source = await self._lock(session_id, stack, lambda r: True)
+            if source is None:
+                raise errors.SessionNotFound(f"No session {session_id!r} (unknown, expired or deleted).")
+            # No model in the settings: the lease loads the session and changes nothing in it.
+            keep = SessionSettings(autonomy=self.base_settings.autonomy,
+                                   disabled_tool_ids=self.base_settings.disabled_tool_ids)
+            try:
+                async with self.pool.lease(Want(keep, session_id=session_id)) as worker:
+                    result = await worker.call("droid.fork_session", {})
+            except errors.SessionNotFound:
+                await self.store.delete(session_id)
+                raise errors.SessionNotFound(f"droid no longer has session {session_id!r}; it is forgotten.") from None
+            except DroidRequestError as exc:
+                raise errors.UpstreamError(f"droid refused droid.fork_session: {exc.droid_message}") from None
+            fork_id = result.get("newSessionId")
+            if not isinstance(fork_id, str) or not fork_id:
+                raise errors.UpstreamError("droid.fork_session returned no newSessionId")
+            await self.store.create(
+                fork_id, source.model, conversation_key=conversation_key, parent_id=session_id,
+                head_digest=source.head_digest, diverged=source.diverged or source.in_flight,
+            )
+            record = await self.store.get(fork_id)
+            assert record is not None
+            log.info("chat.session_forked", session=session_id, fork=fork_id)
+            return record
+
+    async def delete(self, session_id: str) -> bool:
+        """Forget a session (after a running turn on it ends); no request reaches it again."""
+        async with self.pool.session_lock(session_id):
+            return await self.store.delete(session_id)
 
     def _settings(self, model_id: str, request: ChatRequest, system: str | None) -> SessionSettings:
         base = self.base_settings

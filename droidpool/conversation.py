@@ -73,3 +73,26 @@ def transcript_prompt(history: Sequence[ChatMessage], new: Sequence[ChatMessage]
     lines.append("")
     lines.append(turn_text(new))
     return "\n".join(lines)
+
+
+MAX_KEY_CHARS = 200
+_KEY_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class BadKey(ValueError):
+    """A conversation id a client chose is unusable; the message says why."""
+
+
+def conversation_key(value: object) -> str | None:
+    """A client-chosen conversation id as stored: 1 to 200 characters, no control characters,
+    surrounding whitespace dropped; None or "" means none was given."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadKey("must be a string")
+    key = value.strip()
+    if not key:
+        return None
+    if len(key) > MAX_KEY_CHARS or _KEY_CONTROL.search(key):
+        raise BadKey(f"must be at most {MAX_KEY_CHARS} characters, without control characters")
+    return key

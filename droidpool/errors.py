@@ -67,6 +67,18 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class Conflict(DroidpoolError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class ConversationConflict(Conflict):
+    """A conversation id already names another live session."""
+
+    code = "conversation_conflict"
+
+
 class MethodNotAllowed(DroidpoolError):
     status = 405
     type = "invalid_request_error"

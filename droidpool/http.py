@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -11,12 +12,12 @@ import orjson
 import structlog
 from aiohttp import web
 
-from . import errors
+from . import conversation, errors
 from .chat import ChatService, Turn
 from .openai import ChatRequest, Fold, parse_chat_request
 from .pool import Pool
 from .sse import SSE_HEADERS, SSEWriter
-from .store import SessionStore
+from .store import MAX_LIST_LIMIT, SessionStore, UnknownCursor
 
 log = structlog.get_logger(__name__)
 
@@ -25,6 +26,8 @@ POOL: web.AppKey[Pool] = web.AppKey("pool", Pool)
 STORE: web.AppKey[SessionStore] = web.AppKey("store", SessionStore)
 KEEPALIVE_S: web.AppKey[float] = web.AppKey("keepalive_s", float)
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
+
+DEFAULT_LIST_LIMIT = 100
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -91,13 +94,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
     body = await read_json(request)
     chat_request = parse_chat_request(body, request.headers.get("X-Session-Id") or None)
+    key = _conversation_key(body, request.headers.get("X-Conversation-Id"))
+    chat_request = dataclasses.replace(
+        chat_request, ignored=tuple(p for p in chat_request.ignored if p != "conversation_id")
+    )
     fold = Fold(f"chatcmpl-{uuid.uuid4().hex[:24]}", chat_request.model)
     status = "ok"
     session_id = None
     try:
-        async with chat.turn(chat_request) as turn:
+        async with chat.turn(chat_request, key) as turn:
             session_id = turn.session_id
-            headers = _turn_headers(request, turn, chat_request)
+            headers = _turn_headers(request, turn, chat_request, key)
             if chat_request.stream:
                 return await _stream(request, chat, chat_request, turn, fold, headers)
             async for event in turn.events(request.app[KEEPALIVE_S]):
@@ -122,6 +129,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "chat.completion",
             model=chat_request.model,
             session=session_id,
+            conversation=key,
             stream=chat_request.stream,
             status=status,
             duration_s=round(time.monotonic() - started, 4),
@@ -130,8 +138,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         )
 
 
-def _turn_headers(request: web.Request, turn: Turn, chat_request: ChatRequest) -> dict[str, str]:
+def _conversation_key(body: Any, header: str | None) -> str | None:
+    """The client's conversation id: the body's ``conversation_id`` wins over the header."""
+    from_body = body.get("conversation_id")
+    param = "conversation_id" if from_body is not None else "X-Conversation-Id"
+    try:
+        return conversation.conversation_key(from_body if from_body is not None else header)
+    except conversation.BadKey as exc:
+        raise errors.InvalidRequest(f"'{param}' {exc}.", param="conversation_id") from None
+
+
+def _turn_headers(
+    request: web.Request, turn: Turn, chat_request: ChatRequest, key: str | None
+) -> dict[str, str]:
     headers = {"X-Session-Id": turn.session_id}
+    if key is not None:
+        headers["X-Conversation-Id"] = key
     if chat_request.ignored:
         headers["X-Droidpool-Ignored-Params"] = ",".join(chat_request.ignored)
     return headers
@@ -197,24 +219,65 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def list_sessions(request: web.Request) -> web.Response:
-    records = await request.app[STORE].list()
-    return json_response({"object": "list", "data": [r.public() for r in records]})
+    store = request.app[STORE]
+    key = request.query.get("conversation_id")
+    if key is not None:
+        record = await store.by_key(key)
+        records, has_more = ([record] if record else []), False
+    else:
+        try:
+            page = await store.page(_limit(request.query.get("limit")), request.query.get("after") or None)
+        except UnknownCursor:
+            raise errors.InvalidRequest(
+                f"'after' names no session: {request.query['after']!r}.", param="after"
+            ) from None
+        records, has_more = page.records, page.has_more
+    return json_response({
+        "object": "list",
+        "data": [r.public(store.ttl_s) for r in records],
+        "first_id": records[0].session_id if records else None,
+        "last_id": records[-1].session_id if records else None,
+        "has_more": has_more,
+    })
+
+
+def _limit(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_LIST_LIMIT
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise errors.InvalidRequest(f"'limit' must be an integer from 1 to {MAX_LIST_LIMIT}.", param="limit")
+    return limit
 
 
 async def get_session(request: web.Request) -> web.Response:
-    record = await request.app[STORE].get(request.match_info["session_id"])
+    store = request.app[STORE]
+    record = await store.get(request.match_info["session_id"])
     if record is None:
         raise errors.SessionNotFound(f"No session {request.match_info['session_id']!r}.")
-    return json_response(record.public())
+    return json_response(record.public(store.ttl_s))
 
 
 async def delete_session(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
-    pool = request.app[POOL]
-    async with pool.session_lock(session_id):
-        if not await request.app[STORE].delete(session_id):
-            raise errors.SessionNotFound(f"No session {session_id!r}.")
+    if not await request.app[CHAT].delete(session_id):
+        raise errors.SessionNotFound(f"No session {session_id!r}.")
     return json_response({"id": session_id, "object": "droidpool.session", "deleted": True})
+
+
+async def fork_session(request: web.Request) -> web.Response:
+    body = await read_json(request) if request.can_read_body else {}
+    if not isinstance(body, dict):
+        raise errors.InvalidRequest("The request body must be a JSON object.")
+    try:
+        key = conversation.conversation_key(body.get("conversation_id"))
+    except conversation.BadKey as exc:
+        raise errors.InvalidRequest(f"'conversation_id' {exc}.", param="conversation_id") from None
+    record = await request.app[CHAT].fork(request.match_info["session_id"], key)
+    return json_response(record.public(request.app[STORE].ttl_s))
 
 
 def build_app(chat: ChatService, pool: Pool, store: SessionStore, *, max_body_bytes: int, keepalive_s: float) -> web.Application:
@@ -230,4 +293,5 @@ def build_app(chat: ChatService, pool: Pool, store: SessionStore, *, max_body_by
     app.router.add_get("/v1/sessions", list_sessions)
     app.router.add_get("/v1/sessions/{session_id}", get_session)
     app.router.add_delete("/v1/sessions/{session_id}", delete_session)
+    app.router.add_post("/v1/sessions/{session_id}/fork", fork_session)
     return app
