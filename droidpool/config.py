@@ -39,7 +39,7 @@ class ServerConfig:
     port: int = field(default=8765, metadata={"doc": "TCP port to listen on."})
     allow_non_loopback: bool = field(
         default=False,
-        metadata={"doc": "Allow listening on a non-loopback address (droid can act on this host)."},
+        metadata={"doc": "Allow a non-loopback address without API keys (droid can act on this host)."},
     )
     state_dir: str = field(
         default="~/.local/state/droidpool",
@@ -192,12 +192,40 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class ApiKey:
+    """One bearer key and what it may do. Give ``sha256`` (hex of the key) rather than ``key``."""
+
+    name: str
+    sha256: str = ""
+    key: str = ""
+    models: tuple[str, ...] = ()  # empty = every model
+    autonomy: str = "off"  # the most droid autonomy this key's sessions get
+    tools: tuple[str, ...] = ()  # droid tool ids this key's sessions may use
+    max_concurrent: int = 0  # requests at once; 0 = no limit of its own
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    keys: tuple[ApiKey, ...] = field(
+        default=(),
+        metadata={"doc": "API keys: [{name = \"team-a\", sha256 = \"<droidpool hash-key>\", "
+                         "models = [], autonomy = \"off\", tools = [], max_concurrent = 0}]; "
+                         "none (and no keys_file, no DROIDPOOL_API_KEY) = no authentication."},
+    )
+    keys_file: str = field(
+        default="",
+        metadata={"doc": "A TOML file with more [[keys]] entries (keep it mode 0600)."},
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     droid: DroidConfig = field(default_factory=DroidConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     @property
     def state_dir(self) -> Path:
@@ -226,7 +254,8 @@ def load(
     layers: list[tuple[str, dict[str, dict[str, Any]]]] = []
     if path is not None:
         layers.append((str(path), _read_toml(path)))
-    layers.append(("environment", _from_environ(os.environ if environ is None else environ)))
+    environ = os.environ if environ is None else environ
+    layers.append(("environment", _from_environ(environ)))
     if overrides:
         layers.append(("command line", _nest(overrides, "command line")))
     merged: dict[str, dict[str, tuple[Any, str]]] = {}
@@ -240,7 +269,7 @@ def load(
                 merged.setdefault(section, {})[key] = (value, source)
     built = {name: _build_section(name, cls, merged.get(name, {})) for name, cls in SECTIONS.items()}
     config = Config(**built)
-    _check(config, {s: {k: src for k, (_, src) in v.items()} for s, v in merged.items()})
+    _check(config, {s: {k: src for k, (_, src) in v.items()} for s, v in merged.items()}, environ)
     return config
 
 
@@ -334,13 +363,14 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         unknown = set(value) - set(fields)
         if unknown:
             raise ConfigError(f"{source}: unknown key {key}.{sorted(unknown)[0]}")
-        if "id" in fields and "id" not in value:
-            raise ConfigError(f"{source}: {key} needs an id")
+        for required in ("id", "name"):
+            if required in fields and required not in value:
+                raise ConfigError(f"{source}: {key} needs an entry {required!r}")
         return hint(**{k: _coerce(v, fields[k], f"{key}.{k}", source) for k, v in value.items()})
     raise fail(str(hint))  # pragma: no cover - every field type is handled above
 
 
-def _check(config: Config, sources: dict[str, dict[str, str]]) -> None:
+def _check(config: Config, sources: dict[str, dict[str, str]], environ: Mapping[str, str]) -> None:
     def source(section: str, key: str) -> str:
         return sources.get(section, {}).get(key, "defaults")
 
@@ -380,12 +410,37 @@ def _check(config: Config, sources: dict[str, dict[str, str]]) -> None:
     require(t.turn_s > 0, "deadlines", "turn_s", "positive")
     require(t.interrupt_grace_s > 0, "deadlines", "interrupt_grace_s", "positive")
     require(config.store.session_ttl_s > 0, "store", "session_ttl_s", "positive")
-    if not s.allow_non_loopback and not _is_loopback(s.host):
+    a = config.auth
+    for index, entry in enumerate(a.keys):
+        where = f"auth.keys[{index}]"
+        if bool(entry.sha256) == bool(entry.key):
+            raise ConfigError(f"{source('auth', 'keys')}: {where} needs exactly one of sha256 or key")
+        if entry.sha256 and not _is_sha256(entry.sha256):
+            raise ConfigError(f"{source('auth', 'keys')}: {where}.sha256 must be 64 hex digits")
+        if entry.autonomy not in AUTONOMY_LEVELS:
+            raise ConfigError(f"{source('auth', 'keys')}: {where}.autonomy must be one of {', '.join(AUTONOMY_LEVELS)}")
+        unknown = set(entry.tools) - set(ALL_TOOL_IDS)
+        if unknown:
+            raise ConfigError(f"{source('auth', 'keys')}: {where}.tools has unknown tool ids {sorted(unknown)}")
+        if entry.max_concurrent < 0:
+            raise ConfigError(f"{source('auth', 'keys')}: {where}.max_concurrent must be 0 or more")
+    names = [k.name for k in a.keys]
+    if len(names) != len(set(names)):
+        raise ConfigError(f"{source('auth', 'keys')}: auth.keys names must be unique")
+    unknown_tools = set(d.enabled_tools) - set(ALL_TOOL_IDS)
+    if unknown_tools:
+        raise ConfigError(f"{source('droid', 'enabled_tools')}: droid.enabled_tools has unknown tool ids {sorted(unknown_tools)}")
+    keys_configured = bool(a.keys or a.keys_file or environ.get("DROIDPOOL_API_KEY"))
+    if not s.allow_non_loopback and not _is_loopback(s.host) and not keys_configured:
         raise ConfigError(
-            f"{source('server', 'host')}: server.host {s.host!r} is not a loopback address; droid "
-            "can read files and run commands on this host, so set server.allow_non_loopback = true "
-            "only behind authentication you trust"
+            f"{source('server', 'host')}: server.host {s.host!r} is not a loopback address and no "
+            "API keys are configured; droid can read files and run commands on this host. "
+            "Configure [auth] keys, or set server.allow_non_loopback = true to serve without them"
         )
+
+
+def _is_sha256(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value)
 
 
 def _is_loopback(host: str) -> bool:

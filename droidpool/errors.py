@@ -53,6 +53,14 @@ class Unauthorized(DroidpoolError):
     code = "invalid_api_key"
 
 
+class Forbidden(DroidpoolError):
+    """Authenticated, but this key may not do that."""
+
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
 class NotFound(DroidpoolError):
     status = 404
     type = "invalid_request_error"

@@ -41,7 +41,7 @@ def test_models_table_and_env_table(tmp_path: Path) -> None:
         ("[pool]\nbogus = 1\n", "unknown key pool.bogus"),
         ("[nope]\nx = 1\n", "unknown section [nope]"),
         ("[server]\nhost = \"0.0.0.0\"\n", "not a loopback address"),
-        ("[pool]\nmodels = [{spares = 1}]\n", "needs an id"),
+        ("[pool]\nmodels = [{spares = 1}]\n", "needs an entry 'id'"),
         ("not toml [", "not valid TOML"),
     ],
 )

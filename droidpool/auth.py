@@ -1,0 +1,135 @@
+"""API keys: bearer authentication in constant time, and each key's policy and concurrency."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import errors
+from .config import AUTONOMY_LEVELS, ApiKey, Config, ConfigError, _coerce
+
+ENV_KEY = "DROIDPOOL_API_KEY"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling and what they may do; ``name`` scopes their sessions."""
+
+    name: str
+    models: tuple[str, ...] = ()
+    autonomy: str = "off"
+    tools: tuple[str, ...] = ()
+    max_concurrent: int = 0
+
+    def allows_model(self, model: str) -> bool:
+        return not self.models or model in self.models
+
+
+ANONYMOUS = Principal("")
+
+
+def load_keys(config: Config, environ: Mapping[str, str]) -> list[tuple[str, Principal]]:
+    """(sha256, principal) for every key from the config, the keys file and the environment."""
+    entries: list[ApiKey] = list(config.auth.keys)
+    if config.auth.keys_file:
+        path = Path(config.auth.keys_file).expanduser()
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read API keys: {exc}") from None
+        raw = data.get("keys", [])
+        if not isinstance(raw, list):
+            raise ConfigError(f"{path}: keys must be an array of tables")
+        entries.extend(_coerce(entry, ApiKey, f"keys[{i}]", str(path)) for i, entry in enumerate(raw))
+    if environ.get(ENV_KEY):
+        entries.append(ApiKey(name="env", key=environ[ENV_KEY], models=(), autonomy="off"))
+    out = []
+    for entry in entries:
+        digest = (entry.sha256 or hash_key(entry.key)).lower()
+        out.append((digest, Principal(entry.name, entry.models, entry.autonomy, entry.tools, entry.max_concurrent)))
+    return out
+
+
+class Authenticator:
+    """Checks ``Authorization: Bearer <key>``; with no keys configured everyone is ANONYMOUS."""
+
+    def __init__(self, keys: Sequence[tuple[str, Principal]]) -> None:
+        self._keys = [(bytes.fromhex(digest), principal) for digest, principal in keys]
+        self._in_flight: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"<Authenticator {len(self._keys)} keys>"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def authenticate(self, authorization: str | None, x_api_key: str | None = None) -> Principal:
+        if not self._keys:
+            return ANONYMOUS
+        presented = x_api_key
+        if authorization:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() == "bearer":
+                presented = token.strip()
+        if not presented:
+            raise errors.Unauthorized(
+                "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key"
+            )
+        digest = hashlib.sha256(presented.encode()).digest()
+        found: Principal | None = None
+        for expected, principal in self._keys:
+            # Compare against every key, whatever matched: no timing hint about which did.
+            if hmac.compare_digest(digest, expected) and found is None:
+                found = principal
+        if found is None:
+            raise errors.Unauthorized("Invalid API key.")
+        return found
+
+    @contextmanager
+    def admit(self, principal: Principal) -> Iterator[None]:
+        """Hold one of the key's concurrent-request slots, or 429."""
+        limit = principal.max_concurrent
+        current = self._in_flight.get(principal.name, 0)
+        if limit and current >= limit:
+            raise errors.Overloaded(
+                f"API key {principal.name!r} already has {limit} requests running.",
+                code="key_concurrency_limit",
+                retry_after=1,
+            )
+        self._in_flight[principal.name] = current + 1
+        try:
+            yield
+        finally:
+            self._in_flight[principal.name] -= 1
+            if not self._in_flight[principal.name]:
+                del self._in_flight[principal.name]
+
+
+def effective_autonomy(principal: Principal, requested: str | None, default: str) -> str:
+    """The autonomy a session gets: the request's wish (or the default), capped by the key."""
+    ceiling = principal.autonomy if principal is not ANONYMOUS else default
+    wish = requested or (default if principal is ANONYMOUS else "off")
+    if wish not in AUTONOMY_LEVELS:
+        raise errors.InvalidRequest(
+            f"Autonomy must be one of {', '.join(AUTONOMY_LEVELS)}.", param="X-Droid-Autonomy"
+        )
+    if AUTONOMY_LEVELS.index(wish) > AUTONOMY_LEVELS.index(ceiling):
+        raise errors.Forbidden(
+            f"This API key may use droid autonomy up to {ceiling!r}, not {wish!r}.", code="autonomy_not_allowed"
+        )
+    return wish
+
+
+def describe(principal: Principal) -> dict[str, Any]:
+    return {"name": principal.name, "models": list(principal.models), "autonomy": principal.autonomy}

@@ -1,0 +1,74 @@
+"""Prometheus metrics: request outcomes and latencies, tokens, and the pool's state at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .pool import Pool
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class PoolCollector(Collector):
+    """Reads the pool's gauges and counters when Prometheus scrapes: no second bookkeeping."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.pool.stats()
+        workers = GaugeMetricFamily("droidpool_workers", "droid worker processes by state", labels=["state"])
+        for state, count in stats["workers"].items():
+            if state != "queued":
+                workers.add_metric([state], count)
+        yield workers
+        yield GaugeMetricFamily("droidpool_workers_max", "the process cap", value=stats["max_workers"])
+        yield GaugeMetricFamily("droidpool_queue_length", "requests waiting for a worker",
+                                value=stats["workers"]["queued"])
+        yield GaugeMetricFamily("droidpool_workers_rss_bytes", "resident memory of all worker process groups",
+                                value=stats["rss_bytes"])
+        yield GaugeMetricFamily("droidpool_ready", "1 when the pool can serve", value=int(self.pool.ready))
+        wait = stats["queue_wait"]
+        yield CounterMetricFamily("droidpool_queue_wait_seconds", "time requests waited for a worker",
+                                  value=wait["sum_s"])
+        yield CounterMetricFamily("droidpool_leases", "workers handed to requests", value=wait["count"])
+        events = CounterMetricFamily("droidpool_pool_events", "spawns, crashes, evictions, recycles, ...",
+                                     labels=["event"])
+        for key, value in stats.items():
+            if key.endswith("_total"):
+                events.add_metric([key.removesuffix("_total")], value)
+        yield events
+
+
+class Metrics:
+    """One registry per daemon (no global state), scraped at GET /metrics."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("droidpool_requests", "chat completion requests by outcome",
+                                ["status", "stream"], registry=self.registry)
+        self.ttft = Histogram("droidpool_time_to_first_token_seconds", "request start to first token",
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.duration = Histogram("droidpool_request_duration_seconds", "whole chat completion requests",
+                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tokens = Counter("droidpool_tokens", "tokens droid reported", ["kind"], registry=self.registry)
+        self.registry.register(PoolCollector(pool))
+
+    def observe(self, *, status: int, stream: bool, duration_s: float, ttft_s: float | None,
+                input_tokens: int, output_tokens: int, cache_read_tokens: int, thinking_tokens: int) -> None:
+        self.requests.labels(str(status), str(stream).lower()).inc()
+        self.duration.observe(duration_s)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+        for kind, count in (("input", input_tokens), ("output", output_tokens),
+                            ("cache_read", cache_read_tokens), ("thinking", thinking_tokens)):
+            if count:
+                self.tokens.labels(kind).inc(count)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
