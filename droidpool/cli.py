@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import click
@@ -14,8 +15,10 @@ import tomli_w
 
 from . import __version__, logs
 from .config import Config, ConfigError, field_docs, load
+from .store import SessionStore
 
 DEFAULT_CONFIG_NAME = "droidpool.toml"
+T = TypeVar("T")
 
 
 def _load(config_path: Path | None, overrides: dict[str, Any]) -> Config:
@@ -203,3 +206,185 @@ async def _doctor(config: Config) -> bool:
             await worker.stop()
             tg.cancel_scope.cancel()
     return good
+
+
+# --- sessions: the session store, used directly (the daemon may be running or not) ------------
+
+
+@main.group()
+def sessions() -> None:
+    """Inspect and clean up the session store and droid's session files."""
+
+
+async def _with_store(config: Config, action: Callable[[SessionStore], Awaitable[T]]) -> T:
+    if not config.store_path.is_file():
+        raise click.ClickException(f"no session store at {config.store_path}")
+    store = SessionStore(config.store_path, config.store.session_ttl_s)
+    await store.open()
+    try:
+        return await action(store)
+    finally:
+        await store.close()
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+@sessions.command("list")
+@config_option
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="At most this many.")
+@click.option("--expired", is_flag=True, help="Include expired sessions (not yet swept).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def sessions_list(config_path: Path | None, limit: int, expired: bool, as_json: bool) -> None:
+    """List sessions, most recently updated first."""
+    import json
+
+    config = _load(config_path, {})
+    page = anyio.run(_with_store, config, lambda store: store.page(limit, expired=expired))
+    ttl = config.store.session_ttl_s
+    for record in page.records:
+        if as_json:
+            click.echo(json.dumps(record.public(ttl)))
+            continue
+        flags = ",".join(f for f, on in (("diverged", record.diverged), ("in_flight", record.in_flight),
+                                         ("expired", record.updated_at + ttl < time.time())) if on)
+        click.echo("\t".join([record.session_id, record.model, f"turns={record.turns}",
+                              f"updated={_when(record.updated_at)}",
+                              f"conversation={record.conversation_key or '-'}", flags or "-"]))
+    if page.has_more and not as_json:
+        click.echo(f"(more than {limit}; use --limit)", err=True)
+
+
+@sessions.command("show")
+@config_option
+@click.argument("session_id")
+def sessions_show(config_path: Path | None, session_id: str) -> None:
+    """Print one live session as JSON."""
+    import json
+
+    config = _load(config_path, {})
+    record = anyio.run(_with_store, config, lambda store: store.get(session_id))
+    if record is None:
+        raise click.ClickException(f"no session {session_id!r} (unknown or expired)")
+    click.echo(json.dumps(record.public(config.store.session_ttl_s), indent=2))
+
+
+@sessions.command("drop")
+@config_option
+@click.argument("session_ids", nargs=-1, required=True)
+def sessions_drop(config_path: Path | None, session_ids: tuple[str, ...]) -> None:
+    """Forget sessions: no request reaches them again (droid's files stay; see prune-files)."""
+    config = _load(config_path, {})
+
+    async def drop(store: SessionStore) -> list[bool]:
+        return [await store.delete(session_id) for session_id in session_ids]
+
+    results = anyio.run(_with_store, config, drop)
+    for session_id, dropped in zip(session_ids, results, strict=True):
+        click.echo(f"{'dropped' if dropped else 'no such session'}\t{session_id}")
+    if not all(results):
+        sys.exit(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DroidSessionFiles:
+    """One droid session on disk: ``<id>.jsonl`` and its ``.settings.json`` companions."""
+
+    session_id: str
+    paths: tuple[Path, ...]
+    cwd: str | None  # from the session_start line: the working directory droid ran in
+    mtime: float
+
+
+def droid_sessions_dir(config: Config) -> Path:
+    """``<droid HOME>/.factory/sessions``: the workers' HOME (or FACTORY_HOME_OVERRIDE)."""
+    from .service import worker_env
+
+    env = worker_env(config)
+    home = env.get("FACTORY_HOME_OVERRIDE") or env.get("HOME") or str(Path.home())
+    return Path(home).expanduser() / ".factory" / "sessions"
+
+
+def scan_droid_sessions(sessions_dir: Path) -> list[DroidSessionFiles]:
+    """Every droid session under ``sessions_dir`` (one folder per working directory)."""
+    import json
+    import re
+
+    name = re.compile(r"^([0-9a-fA-F-]{8,64})\.(jsonl|settings\.json|settings\.json\.bak)$")
+    grouped: dict[tuple[Path, str], list[Path]] = {}
+    for folder in sorted(p for p in sessions_dir.glob("*") if p.is_dir()):
+        for path in folder.iterdir():
+            match = name.match(path.name)
+            if match and path.is_file():
+                grouped.setdefault((folder, match.group(1)), []).append(path)
+    found: list[DroidSessionFiles] = []
+    for (folder, session_id), paths in sorted(grouped.items()):
+        cwd = None
+        try:
+            with (folder / f"{session_id}.jsonl").open("rb") as f:
+                first = json.loads(f.readline(1 << 20) or b"{}")
+            cwd = first.get("cwd") if isinstance(first, dict) and isinstance(first.get("cwd"), str) else None
+        except (OSError, ValueError):
+            pass
+        mtime = max((p.stat().st_mtime for p in paths), default=0.0)
+        found.append(DroidSessionFiles(session_id, tuple(sorted(paths)), cwd, mtime))
+    return found
+
+
+def files_to_prune(
+    found: list[DroidSessionFiles], cwds: set[str], known: dict[str, bool], now: float, min_age_s: float
+) -> list[tuple[DroidSessionFiles, str]]:
+    """Which droid sessions droidpool's workers made and nobody can reach any more, and why.
+
+    Only sessions whose working directory is droidpool's worker cwd are candidates: never a
+    user's own droid sessions. A session the store holds live is kept; an expired one goes;
+    an unknown one goes once untouched for ``min_age_s`` (a warm spare's session is unknown
+    to the store until its first turn).
+    """
+    out: list[tuple[DroidSessionFiles, str]] = []
+    for session in found:
+        if session.cwd not in cwds:
+            continue
+        live = known.get(session.session_id)
+        if live:
+            continue
+        if live is False:
+            out.append((session, "expired"))
+        elif now - session.mtime >= min_age_s:
+            out.append((session, "unknown"))
+    return out
+
+
+@sessions.command("prune-files")
+@config_option
+@click.option("--apply", is_flag=True, help="Delete the files (default: only list them).")
+@click.option("--min-age", "min_age_s", type=click.FloatRange(min=0), default=None,
+              help="Seconds an unknown session must be untouched (default: store.session_ttl_s).")
+def sessions_prune_files(config_path: Path | None, apply: bool, min_age_s: float | None) -> None:
+    """Delete droid's session files that droidpool no longer knows or that expired.
+
+    Looks only in <droid HOME>/.factory/sessions, at sessions droid ran in droidpool's worker
+    cwd (droid.cwd, default <state_dir>/work). Dry run unless --apply.
+    """
+    config = _load(config_path, {})
+    sessions_dir = droid_sessions_dir(config)
+    cwd = config.worker_cwd
+    cwds = {str(cwd), str(cwd.resolve())}
+    known: dict[str, bool] = {}
+    if config.store_path.is_file():
+        known = anyio.run(_with_store, config, lambda store: store.all_ids())
+    found = scan_droid_sessions(sessions_dir) if sessions_dir.is_dir() else []
+    age = config.store.session_ttl_s if min_age_s is None else min_age_s
+    doomed = files_to_prune(found, cwds, known, time.time(), age)
+    freed = 0
+    for session, why in doomed:
+        size = sum(p.stat().st_size for p in session.paths if p.exists())
+        if apply:
+            for path in session.paths:
+                path.unlink(missing_ok=True)
+        freed += size
+        click.echo(f"{'deleted' if apply else 'would delete'}\t{session.session_id}\t{why}\t{size} bytes")
+    kept = sum(1 for s in found if s.cwd in cwds) - len(doomed)
+    click.echo(f"{len(doomed)} session(s), {freed} bytes {'deleted' if apply else 'to delete (dry run: --apply)'}; "
+               f"{kept} kept; in {sessions_dir}", err=True)

@@ -1,0 +1,117 @@
+"""`droidpool sessions`: the store file used directly, and the pruning of droid's session files."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import anyio
+from click.testing import CliRunner
+
+from droidpool.cli import main
+from droidpool.protocol import Usage
+from droidpool.store import SessionStore
+
+TTL = 3600.0
+
+
+def write_config(tmp_path: Path) -> Path:
+    config = tmp_path / "droidpool.toml"
+    config.write_text(
+        f'[server]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[droid]\nhome = "{tmp_path / "home"}"\n'
+        f"[store]\nsession_ttl_s = {TTL}\n"
+    )
+    return config
+
+
+def fill_store(tmp_path: Path, live: list[str], expired: list[str]) -> None:
+    async def fill() -> None:
+        store = SessionStore(tmp_path / "state" / "sessions.db", TTL)
+        await store.open()
+        for session_id in live + expired:
+            await store.create(session_id, "custom:m", conversation_key=f"key-{session_id}")
+            await store.complete_turn(session_id, "custom:m", f"head-{session_id}", Usage(3, 2, 0, 0, 0))
+        for session_id in expired:
+            store._conn().execute("UPDATE sessions SET updated_at = ? WHERE session_id = ?",
+                                  (time.time() - 2 * TTL, session_id))
+        await store.close()
+
+    anyio.run(fill)
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_list_show_and_drop_work_on_the_store_file(tmp_path: Path) -> None:
+    config = str(write_config(tmp_path))
+    fill_store(tmp_path, ["aaaa", "bbbb"], ["cccc"])
+    code, out, _ = run("sessions", "list", "--config", config)
+    assert code == 0
+    assert [line.split("\t")[0] for line in out.splitlines()] == ["bbbb", "aaaa"]
+    assert "conversation=key-aaaa" in out and "turns=1" in out
+    code, out, _ = run("sessions", "list", "--config", config, "--expired", "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["id"] for r in rows] == ["bbbb", "aaaa", "cccc"]
+    assert rows[0]["usage"]["input_tokens"] == 3
+    code, out, _ = run("sessions", "show", "aaaa", "--config", config)
+    assert code == 0 and json.loads(out)["conversation_id"] == "key-aaaa"
+    code, out, _ = run("sessions", "drop", "aaaa", "zzzz", "--config", config)
+    assert code == 1
+    assert out.splitlines() == ["dropped\taaaa", "no such session\tzzzz"]
+    code, _, err = run("sessions", "show", "aaaa", "--config", config)
+    assert code == 1 and "no session" in err
+
+
+def test_commands_refuse_a_missing_store_instead_of_creating_one(tmp_path: Path) -> None:
+    config = str(write_config(tmp_path))
+    code, _, err = run("sessions", "list", "--config", config)
+    assert code == 1 and "no session store" in err
+    assert not (tmp_path / "state" / "sessions.db").exists()
+
+
+def droid_session(folder: Path, session_id: str, cwd: str, age_s: float) -> list[Path]:
+    """A droid session on disk as droid 0.225.2 writes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{session_id}.jsonl", folder / f"{session_id}.settings.json"]
+    paths[0].write_text(json.dumps({"type": "session_start", "id": session_id, "cwd": cwd}) + "\n"
+                        + json.dumps({"type": "message", "id": "m1"}) + "\n")
+    paths[1].write_text("{}")
+    then = time.time() - age_s
+    for path in paths:
+        os.utime(path, (then, then))
+    return paths
+
+
+def test_prune_files_deletes_only_unreachable_sessions_of_droidpools_workers(tmp_path: Path) -> None:
+    config = str(write_config(tmp_path))
+    fill_store(tmp_path, ["11111111-0000-4000-8000-00000000000a"], ["22222222-0000-4000-8000-00000000000b"])
+    work = tmp_path / "state" / "work"
+    ours = tmp_path / "home" / ".factory" / "sessions" / str(work).replace("/", "-")
+    users = tmp_path / "home" / ".factory" / "sessions" / "-home-someone-project"
+    # ids: live, expired (both in the store), forgotten and spare (unknown), the user's own
+    live = droid_session(ours, "11111111-0000-4000-8000-00000000000a", str(work), 2 * TTL)
+    expired = droid_session(ours, "22222222-0000-4000-8000-00000000000b", str(work), 2 * TTL)
+    forgotten = droid_session(ours, "33333333-0000-4000-8000-00000000000c", str(work), 2 * TTL)
+    spare = droid_session(ours, "44444444-0000-4000-8000-00000000000d", str(work), 60)  # a warm spare's: too recent
+    own = droid_session(users, "55555555-0000-4000-8000-00000000000e", "/home/someone/project", 10 * TTL)
+
+    code, out, err = run("sessions", "prune-files", "--config", config)
+    assert code == 0
+    assert {line.split("\t")[1]: line.split("\t")[2] for line in out.splitlines()} == {
+        "22222222-0000-4000-8000-00000000000b": "expired", "33333333-0000-4000-8000-00000000000c": "unknown"}
+    assert "dry run" in err
+    assert all(p.exists() for p in live + expired + forgotten + spare + own)
+
+    code, out, _ = run("sessions", "prune-files", "--config", config, "--apply")
+    assert code == 0
+    assert not any(p.exists() for p in expired + forgotten)
+    assert all(p.exists() for p in live + spare + own)
+
+    code, out, _ = run("sessions", "prune-files", "--config", config, "--apply", "--min-age", "0")
+    assert [line.split("\t")[1] for line in out.splitlines()] == ["44444444-0000-4000-8000-00000000000d"]
+    assert all(p.exists() for p in live + own)
