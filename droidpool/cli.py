@@ -156,56 +156,22 @@ async def _list_models(config: Config) -> list[dict[str, Any]]:
 @main.command()
 @config_option
 def doctor(config_path: Path | None) -> None:
-    """Check the droid binary, its version, a worker start, and the model list."""
+    """Check droid, its version and credentials, the state directory, the port, and a worker."""
+    from .doctor import format_line, run_checks
+
     config = _load(config_path, {})
     logs.configure("error")
-    ok = anyio.run(_doctor, config)
+    ok = anyio.run(run_checks, config, lambda level, what, fix: click.echo(format_line(level, what, fix)))
     sys.exit(0 if ok else 1)
 
 
-async def _doctor(config: Config) -> bool:
-    import subprocess
+@main.command("hash-key")
+@click.option("--key", prompt=True, hide_input=True, help="The API key (prompted for when omitted).")
+def hash_key_command(key: str) -> None:
+    """Print the sha256 of an API key, for [auth] keys entries."""
+    from .auth import hash_key
 
-    from .service import StartupError, launch_spec, resolve_binary
-    from .worker import SessionSettings, Worker
-
-    def report(good: bool, what: str, fix: str = "") -> bool:
-        click.echo(f"[{'ok' if good else 'FAIL'}] {what}" + (f"\n       fix: {fix}" if fix and not good else ""))
-        return good
-
-    try:
-        binary = resolve_binary(config.droid.binary)
-    except StartupError as exc:
-        return report(False, str(exc), "set droid.binary to the droid executable's path")
-    report(True, f"droid binary: {binary}")
-    try:
-        version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
-        if not report(version.returncode == 0, f"droid --version: {version.stdout.strip() or version.stderr.strip()}",
-                      "the binary does not run: reinstall droid for this platform"):
-            return False
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return report(False, f"droid --version failed: {exc}")
-    worker = Worker(launch_spec(config))
-    good = True
-    async with anyio.create_task_group() as tg:
-        try:
-            started = time.monotonic()
-            await worker.start(tg)
-            models = await worker.list_models(config.pool.spawn_timeout_s)
-            report(True, f"worker started and answered in {time.monotonic() - started:.2f} s")
-            good = report(bool(models), f"models: {', '.join(str(m.get('id')) for m in models) or 'none'}",
-                          "define a BYOK custom model in ~/.factory/settings.json or log in to Factory")
-            session = await worker.initialize(SessionSettings(model_id=models[0]["id"] if models else None),
-                                              config.pool.spawn_timeout_s)
-            report(True, f"session initialized: {session}")
-        except Exception as exc:  # noqa: BLE001 - every failure is a finding here
-            good = report(False, f"worker failed: {exc} {worker.stderr_tail(300)}",
-                          "run the droid binary by hand: droid exec --input-format stream-jsonrpc "
-                          "--output-format stream-jsonrpc")
-        finally:
-            await worker.stop()
-            tg.cancel_scope.cancel()
-    return good
+    click.echo(hash_key(key))
 
 
 # --- sessions: the session store, used directly (the daemon may be running or not) ------------

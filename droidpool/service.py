@@ -13,8 +13,8 @@ import anyio.abc
 import structlog
 from aiohttp import web
 
-from .chat import ChatService
 from . import logs
+from .chat import ChatService
 from .config import ALL_TOOL_IDS, Config, ConfigError
 from .http import build_app
 from .policy import PoolPolicy

@@ -84,15 +84,36 @@ def test_init_writes_a_loadable_commented_config(tmp_path: Path) -> None:
 
 def test_doctor_and_models_with_a_working_droid(tmp_path: Path) -> None:
     config = tmp_path / "droidpool.toml"
-    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / ".factory").mkdir(parents=True)
+    (tmp_path / "home" / ".factory" / "settings.json").write_text(json.dumps({"customModels": [{"model": "fake-model"}]}))
     config.write_text(f'[droid]\nbinary = "{FAKE_DROID}"\nhome = "{tmp_path}/home"\n[server]\nstate_dir = "{tmp_path}/s"\n')
     runner = CliRunner()
     doctor = runner.invoke(main, ["doctor", "--config", str(config)])
     assert doctor.exit_code == 0, doctor.output
-    assert "[ok] droid --version: 0.225.2" in doctor.output
+    assert "[ok] droid version 0.225.2" in doctor.output
+    assert "BYOK custom models" in doctor.output and "is writable" in doctor.output
     assert "custom:fake-model" in doctor.output
     models = runner.invoke(main, ["models", "--config", str(config)])
     assert models.exit_code == 0 and "custom:fake-model" in models.output
+
+
+def test_doctor_fails_without_credentials_and_never_prints_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "droidpool.toml"
+    (tmp_path / "home").mkdir()
+    config.write_text(f'[droid]\nbinary = "{FAKE_DROID}"\nhome = "{tmp_path}/home"\n[server]\nstate_dir = "{tmp_path}/s"\n')
+    result = CliRunner().invoke(main, ["doctor", "--config", str(config)], env={"FACTORY_API_KEY": ""})
+    assert result.exit_code == 1
+    assert "[FAIL] droid has no credentials" in result.output and "fix:" in result.output
+    with_key = CliRunner().invoke(main, ["doctor", "--config", str(config)], env={"FACTORY_API_KEY": "fk-very-secret"})
+    assert with_key.exit_code == 0, with_key.output
+    assert "FACTORY_API_KEY is set" in with_key.output and "fk-very-secret" not in with_key.output
+
+
+def test_hash_key_prints_the_sha256() -> None:
+    import hashlib
+
+    result = CliRunner().invoke(main, ["hash-key", "--key", "s3cret"])
+    assert result.output.strip() == hashlib.sha256(b"s3cret").hexdigest()
 
 
 def test_doctor_reports_what_to_fix(tmp_path: Path) -> None:
