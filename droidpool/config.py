@@ -48,6 +48,9 @@ class ServerConfig:
     max_body_bytes: int = field(
         default=4 * 1024 * 1024, metadata={"doc": "Largest request body accepted, in bytes."}
     )
+    body_timeout_s: float = field(
+        default=30.0, metadata={"doc": "Longest a client may take to send its request body (408 after)."}
+    )
     drain_grace_s: float = field(
         default=30.0,
         metadata={"doc": "On SIGTERM, how long running turns may finish before they are interrupted."},
@@ -384,6 +387,7 @@ def _check(config: Config, sources: dict[str, dict[str, str]], environ: Mapping[
     require(s.max_body_bytes >= 1024, "server", "max_body_bytes", "at least 1024")
     require(s.keepalive_s > 0, "server", "keepalive_s", "positive")
     require(s.drain_grace_s >= 0, "server", "drain_grace_s", "0 or more")
+    require(s.body_timeout_s > 0, "server", "body_timeout_s", "positive")
     require(s.log_level in ("debug", "info", "warning", "error"), "server", "log_level",
             "one of debug, info, warning, error")
     require(d.autonomy in AUTONOMY_LEVELS, "droid", "autonomy", f"one of {', '.join(AUTONOMY_LEVELS)}")

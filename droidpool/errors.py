@@ -93,6 +93,12 @@ class MethodNotAllowed(DroidpoolError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(DroidpoolError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(DroidpoolError):
     status = 413
     type = "invalid_request_error"

@@ -14,6 +14,9 @@ MB = 1024 * 1024
 DEFAULT_WORKER_RSS = 200 * MB
 # Surplus spares (above demand) are kept at least this long, so demand can't make them thrash.
 SPARE_MIN_LIFE_S = 60.0
+# An idle session worker used more recently than this is not evicted just to pre-warm a spare:
+# its conversation's next turn is likely close. (A new conversation may still evict it at the cap.)
+RECENTLY_USED_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,8 +238,12 @@ def reconcile(
         demand_wanted.extend([model] * (missing - below_floor))
     wanted = floor_wanted + demand_wanted[: max(0, memory_room - len(floor_wanted))]
     if len(wanted) > room:
-        # At the cap: idle session workers give way to the spares new conversations need.
-        idle = sorted((w for w in kept() if w.state is WorkerState.IDLE), key=lambda w: w.last_used)
+        # At the cap: idle session workers not used lately give way to the spares new
+        # conversations need.
+        idle = sorted(
+            (w for w in kept() if w.state is WorkerState.IDLE and now - w.last_used >= RECENTLY_USED_S),
+            key=lambda w: w.last_used,
+        )
         for w in idle[: len(wanted) - max(0, room)]:
             stop(w, "room_for_spare")
     starts = wanted[: max(0, min(room, spawn_room))]

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from droidpool.config import ModelSpec
-from droidpool.policy import MB, SPARE_MIN_LIFE_S, PoolPolicy, Want, WorkerView, assign, reconcile, spare_targets
+from droidpool.policy import MB, RECENTLY_USED_S, SPARE_MIN_LIFE_S, PoolPolicy, Want, WorkerView, assign, reconcile, spare_targets
 from droidpool.worker import SessionSettings, WorkerState
 
 S = SessionSettings(model_id="m")
@@ -79,12 +79,18 @@ def test_default_model_spares_are_counted() -> None:
 
 
 def test_at_the_cap_an_idle_session_worker_gives_way_to_a_spare() -> None:
-    workers = [view(1, I, "a", used=5), view(2, I, "b", used=1), view(3, B, "c"), view(4, B, "d")]
+    workers = [view(1, I, "a", used=NOW - 100), view(2, I, "b", used=NOW - 200), view(3, B, "c"), view(4, B, "d")]
     plan = reconcile(workers, policy(), NOW)
     assert plan.start == ()  # the victim still counts until it is dead
     assert [(s.worker_id, s.reason) for s in plan.stop] == [(2, "room_for_spare")]
     after = [w for w in workers if w.id != 2]
     assert reconcile(after, policy(), NOW).start == ("m",)
+
+
+def test_a_conversation_that_just_ran_keeps_its_worker_over_a_spare() -> None:
+    workers = [view(1, I, "a", used=NOW - RECENTLY_USED_S + 1), view(2, B, "c"), view(3, B, "d"), view(4, B, "e")]
+    plan = reconcile(workers, policy(), NOW)
+    assert plan.stop == () and plan.start == ()
 
 
 def test_worn_idle_workers_and_old_spares_are_recycled() -> None:
