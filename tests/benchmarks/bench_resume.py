@@ -88,7 +88,7 @@ async def settle(http: aiohttp.ClientSession, daemon: Daemon, timeout: float = 3
         while True:
             async with http.get(f"{daemon.base_url}/readyz") as response:
                 workers = (await response.json())["workers"]
-            if workers.get("starting", 0) == 0 and workers.get("ready", 0) >= 1:
+            if workers.get("starting", 0) == 0:
                 return
             await asyncio.sleep(0.05)
 

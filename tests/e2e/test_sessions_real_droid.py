@@ -38,8 +38,8 @@ ECHO = "custom:fake-echo"  # answers at once, listing the roles it received
 OTHER = "custom:fake-reasoning"  # another quick model, for model switches
 STYLES = ("stateless", "key", "id")
 # 200 conversations take ~3 min on 2 cores (each new conversation needs a fresh droid process,
-# ~0.8 s of CPU): the default keeps this test near 60 s. Set it to 200 for the full run.
-CONVERSATIONS = int(os.environ.get("DROIDPOOL_E2E_CONVERSATIONS", "45"))
+# ~0.8 s of CPU): the default of 60 keeps this test near 60 s there. Set it to 200 for the full run.
+CONVERSATIONS = int(os.environ.get("DROIDPOOL_E2E_CONVERSATIONS", "60"))
 CLIENTS = 4
 
 
