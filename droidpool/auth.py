@@ -64,11 +64,20 @@ class Authenticator:
     """Checks ``Authorization: Bearer <key>``; with no keys configured everyone is ANONYMOUS."""
 
     def __init__(self, keys: Sequence[tuple[str, Principal]]) -> None:
-        self._keys = [(bytes.fromhex(digest), principal) for digest, principal in keys]
+        self._keys: list[tuple[bytes, Principal]] = []
         self._in_flight: dict[str, int] = {}
+        self.set_keys(keys)
+
+    def set_keys(self, keys: Sequence[tuple[str, Principal]]) -> None:
+        """Replace the keys (SIGHUP); requests already admitted keep running."""
+        self._keys = [(bytes.fromhex(digest), principal) for digest, principal in keys]
 
     def __repr__(self) -> str:
         return f"<Authenticator {len(self._keys)} keys>"
+
+    @property
+    def key_count(self) -> int:
+        return len(self._keys)
 
     @property
     def enabled(self) -> bool:

@@ -79,6 +79,19 @@ class Turn:
             yield event
 
 
+@dataclass(frozen=True)
+class Access:
+    """Who is asking (only their own sessions are visible to them) and what droid settings
+    their new sessions get; the defaults are the unauthenticated operator's."""
+
+    owner: str = ""
+    autonomy: str | None = None  # None: droid.autonomy from the config
+    disabled_tool_ids: tuple[str, ...] | None = None  # None: from droid.enabled_tools
+
+
+PUBLIC = Access()
+
+
 class ChatService:
     def __init__(
         self,
@@ -139,7 +152,9 @@ class ChatService:
     # --- a turn ------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def turn(self, request: ChatRequest, conversation_key: str | None = None) -> AsyncIterator[Turn]:
+    async def turn(
+        self, request: ChatRequest, conversation_key: str | None = None, access: Access = PUBLIC
+    ) -> AsyncIterator[Turn]:
         """Find the session, lease a worker, start the turn; the block consumes its events.
 
         The session is the one named by ``request.session_id``, else the one named by
@@ -150,15 +165,17 @@ class ChatService:
         """
         model_id = self.resolve_model(request)
         split = conversation.split(request.messages)
-        seed = conversation.seed(split.system)
+        # Each owner's stateless histories live in their own digest space.
+        seed = conversation.seed(split.system, namespace=access.owner)
         async with AsyncExitStack() as stack:
             if conversation_key is not None:
                 # Held for the whole turn: a conversation id's first uses never race.
-                await stack.enter_async_context(self.pool.session_lock(KEY_LOCK + conversation_key))
-            record = await self._continued(request, split, seed, conversation_key, stack)
+                lock = f"{KEY_LOCK}{access.owner}\0{conversation_key}"
+                await stack.enter_async_context(self.pool.session_lock(lock))
+            record = await self._continued(request, split, seed, conversation_key, access, stack)
             worker = None
             if record is not None:
-                worker = await self._lease_continued(record, model_id, request, stack)
+                worker = await self._lease_continued(record, model_id, request, access, stack)
             if record is not None and worker is not None:
                 session_id = record.session_id
                 base = record.head_digest or seed
@@ -167,7 +184,7 @@ class ChatService:
                 await self.store.begin_turn(session_id)
             else:
                 record = None
-                worker = await self._lease_new(model_id, request, split.system, conversation_key, stack)
+                worker = await self._lease_new(model_id, request, split.system, conversation_key, access, stack)
                 assert worker.session_id is not None
                 session_id = worker.session_id
                 base = seed
@@ -181,11 +198,11 @@ class ChatService:
                        base, sent, outcome)
 
     async def _lease_continued(
-        self, record: SessionRecord, model_id: str, request: ChatRequest, stack: AsyncExitStack
+        self, record: SessionRecord, model_id: str, request: ChatRequest, access: Access, stack: AsyncExitStack
     ) -> Worker | None:
         """A worker holding ``record``'s session; None if droid lost it and the client resent
         its whole history (so a new session loses nothing)."""
-        want = Want(self._settings(model_id, request, None), session_id=record.session_id)
+        want = Want(self._settings(model_id, request, None, access), session_id=record.session_id)
         try:
             return await stack.enter_async_context(self.pool.lease(want))
         except errors.SessionNotFound:
@@ -201,12 +218,15 @@ class ChatService:
             ) from None
 
     async def _lease_new(
-        self, model_id: str, request: ChatRequest, system: str, key: str | None, stack: AsyncExitStack
+        self, model_id: str, request: ChatRequest, system: str, key: str | None, access: Access,
+        stack: AsyncExitStack,
     ) -> Worker:
         """A worker with a new session, recorded (named ``key``) with a turn in flight."""
-        worker = await stack.enter_async_context(self.pool.lease(Want(self._settings(model_id, request, system))))
+        settings = self._settings(model_id, request, system, access)
+        worker = await stack.enter_async_context(self.pool.lease(Want(settings)))
         assert worker.session_id is not None
-        if not await self.store.create(worker.session_id, request.model, conversation_key=key, in_flight=True):
+        if not await self.store.create(worker.session_id, request.model, conversation_key=key, in_flight=True,
+                                       owner=access.owner):
             raise errors.ConversationConflict(  # only if another process took the id meanwhile
                 f"The conversation id {key!r} names another session.", param="conversation_id"
             )
@@ -219,23 +239,28 @@ class ChatService:
         split: conversation.Split,
         seed: str,
         key: str | None,
+        access: Access,
         stack: AsyncExitStack,
     ) -> SessionRecord | None:
-        """The session this request continues, its lock held on ``stack``; None: a new one."""
+        """The session this request continues, its lock held on ``stack``; None: a new one.
+
+        Another owner's session is never found: to them it does not exist (404)."""
+        owner = access.owner
         if request.session_id is not None:
-            record = await self._lock(request.session_id, stack, lambda r: True)
+            record = await self._lock(request.session_id, stack, lambda r: r.owner == owner)
             if record is None:
                 raise errors.SessionNotFound(
                     f"No session {request.session_id!r} (unknown, expired or deleted).", param="session_id"
                 )
             if key is not None and record.conversation_key != key:
-                await self._bind(record.session_id, key)
+                await self._bind(record.session_id, key, owner)
             return record
         if key is not None:
-            named = await self.store.by_key(key)
+            named = await self.store.by_key(key, owner)
             if named is not None:
                 # Under the key's lock only a DELETE can change it meanwhile: then start anew.
-                return await self._lock(named.session_id, stack, lambda r: r.conversation_key == key)
+                return await self._lock(named.session_id, stack,
+                                        lambda r: r.conversation_key == key and r.owner == owner)
         if not split.history:
             return None
         base = conversation.extend(seed, split.history)
@@ -243,9 +268,10 @@ class ChatService:
         if found is None:
             return None
         # Another request on the same history may have moved it on meanwhile.
-        record = await self._lock(found.session_id, stack, lambda r: r.head_digest == base and r.matchable)
+        record = await self._lock(found.session_id, stack,
+                                  lambda r: r.head_digest == base and r.matchable and r.owner == owner)
         if record is not None and key is not None:
-            await self._bind(record.session_id, key)
+            await self._bind(record.session_id, key, owner)
         return record
 
     async def _lock(
@@ -269,8 +295,8 @@ class ChatService:
         stack.push_async_callback(held.aclose)
         return record
 
-    async def _bind(self, session_id: str, key: str) -> None:
-        if not await self.store.bind_key(session_id, key):
+    async def _bind(self, session_id: str, key: str, owner: str) -> None:
+        if not await self.store.bind_key(session_id, key, owner):
             raise errors.ConversationConflict(
                 f"The conversation id {key!r} already names another session.", param="conversation_id"
             )
@@ -294,7 +320,7 @@ class ChatService:
 
     # --- sessions ----------------------------------------------------------------------------
 
-    async def fork(self, session_id: str, conversation_key: str | None = None) -> SessionRecord:
+    async def fork(self, session_id: str, conversation_key: str | None = None, access: Access = PUBLIC) -> SessionRecord:
         """A new session with a copy of ``session_id``'s droid history (``droid.fork_session``).
 
         The source is untouched. The fork has the source's history digest but is not continued
@@ -302,13 +328,14 @@ class ChatService:
         """
         async with AsyncExitStack() as stack:
             if conversation_key is not None:
-                await stack.enter_async_context(self.pool.session_lock(KEY_LOCK + conversation_key))
-                if await self.store.by_key(conversation_key) is not None:
+                lock = f"{KEY_LOCK}{access.owner}\0{conversation_key}"
+                await stack.enter_async_context(self.pool.session_lock(lock))
+                if await self.store.by_key(conversation_key, access.owner) is not None:
                     raise errors.ConversationConflict(
                         f"The conversation id {conversation_key!r} already names another session.",
                         param="conversation_id",
                     )
-            source = await self._lock(session_id, stack, lambda r: True)
+            source = await self._lock(session_id, stack, lambda r: r.owner == access.owner)
             if source is None:
                 raise errors.SessionNotFound(f"No session {session_id!r} (unknown, expired or deleted).")
             # No model in the settings: the lease loads the session and changes nothing in it.
@@ -328,23 +355,27 @@ class ChatService:
             await self.store.create(
                 fork_id, source.model, conversation_key=conversation_key, parent_id=session_id,
                 head_digest=source.head_digest, diverged=source.diverged or source.in_flight,
+                owner=access.owner,
             )
             record = await self.store.get(fork_id)
             assert record is not None
             log.info("chat.session_forked", session=session_id, fork=fork_id)
             return record
 
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, session_id: str, access: Access = PUBLIC) -> bool:
         """Forget a session (after a running turn on it ends); no request reaches it again."""
         async with self.pool.session_lock(session_id):
+            record = await self.store.get(session_id)
+            if record is None or record.owner != access.owner:
+                return False
             return await self.store.delete(session_id)
 
-    def _settings(self, model_id: str, request: ChatRequest, system: str | None) -> SessionSettings:
+    def _settings(self, model_id: str, request: ChatRequest, system: str | None, access: Access) -> SessionSettings:
         base = self.base_settings
         return SessionSettings(
             model_id=model_id,
             system_prompt=system or None,
             reasoning_effort=request.reasoning_effort,
-            autonomy=base.autonomy,
-            disabled_tool_ids=base.disabled_tool_ids,
+            autonomy=access.autonomy or base.autonomy,
+            disabled_tool_ids=base.disabled_tool_ids if access.disabled_tool_ids is None else access.disabled_tool_ids,
         )

@@ -8,12 +8,16 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 import orjson
 import structlog
 from aiohttp import web
 
 from . import conversation, errors
-from .chat import ChatService, Turn
+from .auth import ANONYMOUS, Authenticator, Principal, effective_autonomy
+from .chat import Access, ChatService, Turn
+from .config import ALL_TOOL_IDS
+from .metrics import CONTENT_TYPE, Metrics
 from .openai import ChatRequest, Fold, parse_chat_request
 from .pool import Pool
 from .sse import SSE_HEADERS, SSEWriter
@@ -25,7 +29,16 @@ CHAT: web.AppKey[ChatService] = web.AppKey("chat", ChatService)
 POOL: web.AppKey[Pool] = web.AppKey("pool", Pool)
 STORE: web.AppKey[SessionStore] = web.AppKey("store", SessionStore)
 KEEPALIVE_S: web.AppKey[float] = web.AppKey("keepalive_s", float)
+BODY_TIMEOUT_S: web.AppKey[float] = web.AppKey("body_timeout_s", float)
+AUTH: web.AppKey[Authenticator] = web.AppKey("auth", Authenticator)
+METRICS: web.AppKey[Metrics | None] = web.AppKey("metrics")
+DEFAULT_AUTONOMY: web.AppKey[str] = web.AppKey("default_autonomy", str)
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
+PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
+TURN: web.RequestKey[Turn] = web.RequestKey("turn", Turn)  # set once a turn has started
+
+# Probes answer without a key: a load balancer or systemd check has none.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 DEFAULT_LIST_LIMIT = 100
 
@@ -78,8 +91,37 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         structlog.contextvars.unbind_contextvars("request_id")
 
 
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every route but the probes needs a valid key once keys are configured (401 otherwise)."""
+    if request.path in OPEN_PATHS:
+        request[PRINCIPAL] = ANONYMOUS
+    else:
+        request[PRINCIPAL] = request.app[AUTH].authenticate(
+            request.headers.get("Authorization"), request.headers.get("X-Api-Key")
+        )
+    return await handler(request)
+
+
+def access_for(request: web.Request) -> Access:
+    """The session settings and scope a request's key gives it."""
+    principal = request[PRINCIPAL]
+    autonomy = effective_autonomy(principal, request.headers.get("X-Droid-Autonomy") or None,
+                                  request.app[DEFAULT_AUTONOMY])
+    if principal is ANONYMOUS:
+        return Access(owner="", autonomy=autonomy)
+    disabled = tuple(t for t in ALL_TOOL_IDS if t not in principal.tools)
+    return Access(owner=principal.name, autonomy=autonomy, disabled_tool_ids=disabled)
+
+
 async def read_json(request: web.Request) -> Any:
-    raw = await request.read()
+    try:
+        with anyio.fail_after(request.app[BODY_TIMEOUT_S]):
+            raw = await request.read()
+    except TimeoutError:
+        raise errors.RequestTimeout(
+            f"The request body did not arrive within {request.app[BODY_TIMEOUT_S]:g} s."
+        ) from None
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -98,44 +140,74 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat_request = dataclasses.replace(
         chat_request, ignored=tuple(p for p in chat_request.ignored if p != "conversation_id")
     )
+    principal = request[PRINCIPAL]
+    if not principal.allows_model(chat_request.model):
+        raise errors.Forbidden(f"This API key may not use the model {chat_request.model!r}.",
+                               param="model", code="model_not_allowed")
+    access = access_for(request)
     fold = Fold(f"chatcmpl-{uuid.uuid4().hex[:24]}", chat_request.model)
     status = "ok"
-    session_id = None
+    http_status = 200
     try:
-        async with chat.turn(chat_request, key) as turn:
-            session_id = turn.session_id
-            headers = _turn_headers(request, turn, chat_request, key)
-            if chat_request.stream:
-                return await _stream(request, chat, chat_request, turn, fold, headers)
-            async for event in turn.events(request.app[KEEPALIVE_S]):
-                if event is not None:
-                    fold.feed(event)
-            failure = fold.failure()
-            if failure is not None:
-                status = failure.type
-                response = error_response(failure)
-                response.headers.update(headers)
-                return response
-            await chat.record(turn, chat_request, fold.text, fold.usage)
-            return json_response(fold.completion(), headers=headers)
+        with request.app[AUTH].admit(principal):
+            return await _complete(request, chat, chat_request, key, access, fold)
     except errors.DroidpoolError as exc:
-        status = exc.type
+        status, http_status = exc.type, exc.status
         raise
     except ConnectionResetError:
-        status = "client_disconnected"
+        status, http_status = "client_disconnected", 499
         raise
     finally:
+        turn_started = request.get(TURN)
+        session_id = turn_started.session_id if turn_started else None
+        if fold.completed is not None and fold.failure() is not None and http_status == 200:
+            failure = fold.failure()
+            assert failure is not None
+            status, http_status = failure.type, failure.status
+        ttft = (turn_started.first_token_at - started) if turn_started and turn_started.first_token_at else None
+        duration = time.monotonic() - started
+        metrics = request.app[METRICS]
+        if metrics is not None:
+            metrics.observe(status=http_status, stream=chat_request.stream, duration_s=duration, ttft_s=ttft,
+                            input_tokens=fold.usage.input_tokens, output_tokens=fold.usage.output_tokens,
+                            cache_read_tokens=fold.usage.cache_read_tokens,
+                            thinking_tokens=fold.usage.thinking_tokens)
         log.info(
             "chat.completion",
             model=chat_request.model,
+            key=principal.name or None,
             session=session_id,
             conversation=key,
             stream=chat_request.stream,
             status=status,
-            duration_s=round(time.monotonic() - started, 4),
+            http_status=http_status,
+            ttft_s=round(ttft, 4) if ttft is not None else None,
+            duration_s=round(duration, 4),
+            worker=turn_started.worker.id if turn_started else None,
             prompt_tokens=fold.usage.input_tokens,
             completion_tokens=fold.usage.output_tokens,
         )
+
+
+async def _complete(
+    request: web.Request, chat: ChatService, chat_request: ChatRequest, key: str | None, access: Access, fold: Fold
+) -> web.StreamResponse:
+    """Run the turn and answer: a stream, or one JSON body."""
+    async with chat.turn(chat_request, key, access) as turn:
+        request[TURN] = turn
+        headers = _turn_headers(request, turn, chat_request, key)
+        if chat_request.stream:
+            return await _stream(request, chat, chat_request, turn, fold, headers)
+        async for event in turn.events(request.app[KEEPALIVE_S]):
+            if event is not None:
+                fold.feed(event)
+        failure = fold.failure()
+        if failure is not None:
+            response = error_response(failure)
+            response.headers.update(headers)
+            return response
+        await chat.record(turn, chat_request, fold.text, fold.usage)
+        return json_response(fold.completion(), headers=headers)
 
 
 def _conversation_key(body: Any, header: str | None) -> str | None:
@@ -220,13 +292,15 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def list_sessions(request: web.Request) -> web.Response:
     store = request.app[STORE]
+    owner = request[PRINCIPAL].name
     key = request.query.get("conversation_id")
     if key is not None:
-        record = await store.by_key(key)
+        record = await store.by_key(key, owner)
         records, has_more = ([record] if record else []), False
     else:
         try:
-            page = await store.page(_limit(request.query.get("limit")), request.query.get("after") or None)
+            page = await store.page(_limit(request.query.get("limit")), request.query.get("after") or None,
+                                    owner=owner)
         except UnknownCursor:
             raise errors.InvalidRequest(
                 f"'after' names no session: {request.query['after']!r}.", param="after"
@@ -256,14 +330,14 @@ def _limit(raw: str | None) -> int:
 async def get_session(request: web.Request) -> web.Response:
     store = request.app[STORE]
     record = await store.get(request.match_info["session_id"])
-    if record is None:
+    if record is None or record.owner != request[PRINCIPAL].name:
         raise errors.SessionNotFound(f"No session {request.match_info['session_id']!r}.")
     return json_response(record.public(store.ttl_s))
 
 
 async def delete_session(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
-    if not await request.app[CHAT].delete(session_id):
+    if not await request.app[CHAT].delete(session_id, access_for(request)):
         raise errors.SessionNotFound(f"No session {session_id!r}.")
     return json_response({"id": session_id, "object": "droidpool.session", "deleted": True})
 
@@ -276,16 +350,39 @@ async def fork_session(request: web.Request) -> web.Response:
         key = conversation.conversation_key(body.get("conversation_id"))
     except conversation.BadKey as exc:
         raise errors.InvalidRequest(f"'conversation_id' {exc}.", param="conversation_id") from None
-    record = await request.app[CHAT].fork(request.match_info["session_id"], key)
+    record = await request.app[CHAT].fork(request.match_info["session_id"], key, access_for(request))
     return json_response(record.public(request.app[STORE].ttl_s))
 
 
-def build_app(chat: ChatService, pool: Pool, store: SessionStore, *, max_body_bytes: int, keepalive_s: float) -> web.Application:
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[error_middleware])
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    if metrics is None:
+        raise errors.NotFound("Metrics are not enabled.")
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def build_app(
+    chat: ChatService,
+    pool: Pool,
+    store: SessionStore,
+    *,
+    max_body_bytes: int,
+    keepalive_s: float,
+    body_timeout_s: float = 30.0,
+    auth: Authenticator | None = None,
+    metrics: Metrics | None = None,
+    default_autonomy: str = "off",
+) -> web.Application:
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[error_middleware, auth_middleware])
     app[CHAT] = chat
     app[POOL] = pool
     app[STORE] = store
     app[KEEPALIVE_S] = keepalive_s
+    app[BODY_TIMEOUT_S] = body_timeout_s
+    app[AUTH] = auth or Authenticator([])
+    app[METRICS] = metrics
+    app[DEFAULT_AUTONOMY] = default_autonomy
+    app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)

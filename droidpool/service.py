@@ -14,9 +14,11 @@ import structlog
 from aiohttp import web
 
 from . import logs
+from .auth import Authenticator, load_keys
 from .chat import ChatService
 from .config import ALL_TOOL_IDS, Config, ConfigError
 from .http import build_app
+from .metrics import Metrics
 from .policy import PoolPolicy
 from .pool import Pool
 from .store import SessionStore
@@ -113,9 +115,15 @@ class Daemon:
         self.notifier = Notifier()
         self.pool: Pool | None = None
         self.chat: ChatService | None = None
+        self.auth = Authenticator([])
 
     async def run(self) -> None:
         spec = launch_spec(self.config)  # a StartupError here reaches the CLI as a plain message
+        try:
+            self.auth = Authenticator(load_keys(self.config, os.environ))
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
+        log.info("droidpool.auth", keys=self.auth.key_count)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._handle_signals, signals)
@@ -138,6 +146,7 @@ class Daemon:
         try:
             new = self._reload()
             spec = launch_spec(new)
+            keys = load_keys(new, os.environ)
         except (ConfigError, StartupError) as exc:
             log.error("droidpool.reload_failed", error=str(exc))
             self.notifier.send(ready=1, status=f"reload failed: {exc}")
@@ -149,6 +158,7 @@ class Daemon:
         if restart_only or new.store != self.config.store:
             log.warning("droidpool.reload_needs_restart", keys=restart_only or ["store"])
         self.pool.reconfigure(PoolPolicy.from_config(new.pool), spec)
+        self.auth.set_keys(keys)
         self.chat.first_token_s = new.deadlines.first_token_s
         self.chat.turn_s = new.deadlines.turn_s
         self.chat.interrupt_grace_s = new.deadlines.interrupt_grace_s
@@ -173,8 +183,15 @@ class Daemon:
             async with build_pool(config, spec) as pool:
                 self.pool = pool
                 self.chat = build_chat(config, pool, store)
-                app = build_app(self.chat, pool, store, max_body_bytes=config.server.max_body_bytes,
-                                keepalive_s=config.server.keepalive_s)
+                app = build_app(
+                    self.chat, pool, store,
+                    max_body_bytes=config.server.max_body_bytes,
+                    keepalive_s=config.server.keepalive_s,
+                    body_timeout_s=config.server.body_timeout_s,
+                    auth=self.auth,
+                    metrics=Metrics(pool),
+                    default_autonomy=config.droid.autonomy,
+                )
                 # On shutdown aiohttp stops listening, lets running handlers finish for
                 # drain_grace_s, then cancels them: a cancelled turn is interrupted, not lost.
                 runner = web.AppRunner(app, access_log=None, handle_signals=False,

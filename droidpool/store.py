@@ -47,6 +47,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX sessions_conversation_key ON sessions (conversation_key)
         WHERE conversation_key IS NOT NULL;
     """,
+    # v3: sessions belong to the API key that created them (its name; "" without auth);
+    # conversation ids are unique per owner.
+    """
+    ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    DROP INDEX sessions_conversation_key;
+    CREATE UNIQUE INDEX sessions_owner_conversation_key ON sessions (owner, conversation_key)
+        WHERE conversation_key IS NOT NULL;
+    CREATE INDEX sessions_owner_updated ON sessions (owner, updated_at);
+    """,
 )
 
 MAX_LIST_LIMIT = 1000
@@ -66,6 +75,7 @@ class SessionRecord:
     in_flight: bool = False  # a turn started and has not been recorded (yet, or ever: a crash)
     diverged: bool = False  # droid's history holds a turn the client never saw completed
     failed_turns: int = 0
+    owner: str = ""  # the API key's name that created it; "" without authentication
 
     @property
     def matchable(self) -> bool:
@@ -108,7 +118,7 @@ class SessionRecord:
 _COLUMNS = (
     "session_id, model, head_digest, created_at, updated_at, turns, input_tokens, output_tokens, "
     "cache_read_tokens, cache_creation_tokens, thinking_tokens, conversation_key, "
-    "parent_session_id, in_flight, diverged, failed_turns"
+    "parent_session_id, in_flight, diverged, failed_turns, owner"
 )
 _MATCHABLE = (
     "in_flight = 0 AND diverged = 0 AND conversation_key IS NULL "
@@ -124,7 +134,7 @@ _ADD_USAGE = (
 def _record(row: tuple[Any, ...]) -> SessionRecord:
     return SessionRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], Usage(*row[6:11]),
-        row[11], row[12], bool(row[13]), bool(row[14]), row[15],
+        row[11], row[12], bool(row[13]), bool(row[14]), row[15], row[16],
     )
 
 
@@ -217,11 +227,12 @@ class SessionStore:
         db.execute("COMMIT")
         return result
 
-    def _release_expired_key(self, db: sqlite3.Connection, key: str) -> None:
+    def _release_expired_key(self, db: sqlite3.Connection, key: str, owner: str) -> None:
         """An expired session gives up its conversation id (it is invisible anyway)."""
         db.execute(
-            "UPDATE sessions SET conversation_key = NULL WHERE conversation_key = ? AND updated_at < ?",
-            (key, self._cutoff()),
+            "UPDATE sessions SET conversation_key = NULL WHERE owner = ? AND conversation_key = ? "
+            "AND updated_at < ?",
+            (owner, key, self._cutoff()),
         )
 
     # --- reads -------------------------------------------------------------------------------
@@ -237,13 +248,13 @@ class SessionStore:
         )
         return _record(row) if row else None
 
-    async def by_key(self, key: str) -> SessionRecord | None:
-        """The live session a client named with this conversation id."""
+    async def by_key(self, key: str, owner: str = "") -> SessionRecord | None:
+        """The live session a client (``owner``) named with this conversation id."""
         cutoff = self._cutoff()
         row = await self._run(
             lambda: self._conn().execute(
-                f"SELECT {_COLUMNS} FROM sessions WHERE conversation_key = ? AND updated_at >= ?",
-                (key, cutoff),
+                f"SELECT {_COLUMNS} FROM sessions WHERE owner = ? AND conversation_key = ? AND updated_at >= ?",
+                (owner, key, cutoff),
             ).fetchone()
         )
         return _record(row) if row else None
@@ -264,7 +275,9 @@ class SessionStore:
         """The ``limit`` most recently updated live sessions."""
         return (await self.page(limit)).records
 
-    async def page(self, limit: int = 100, after: str | None = None, *, expired: bool = False) -> Page:
+    async def page(
+        self, limit: int = 100, after: str | None = None, *, expired: bool = False, owner: str | None = None
+    ) -> Page:
         """Sessions by most recent update (then id), ``limit`` at a time, from after ``after``.
 
         A session updated between two pages moves to the front: paging may then miss or
@@ -277,6 +290,9 @@ class SessionStore:
             db = self._conn()
             where = "updated_at >= ?"
             params: list[Any] = [cutoff]
+            if owner is not None:
+                where += " AND owner = ?"
+                params.append(owner)
             if after is not None:
                 anchor = db.execute(
                     "SELECT updated_at FROM sessions WHERE session_id = ?", (after,)
@@ -314,20 +330,21 @@ class SessionStore:
         head_digest: str | None = None,
         in_flight: bool = False,
         diverged: bool = False,
+        owner: str = "",
     ) -> bool:
         """Record a new session; False if ``conversation_key`` already names a live session."""
         now = time.time()
 
         def insert(db: sqlite3.Connection) -> bool:
             if conversation_key is not None:
-                self._release_expired_key(db, conversation_key)
+                self._release_expired_key(db, conversation_key, owner)
             try:
                 db.execute(
                     "INSERT INTO sessions (session_id, model, created_at, updated_at, "
-                    "conversation_key, parent_session_id, head_digest, in_flight, diverged) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (session_id) DO NOTHING",
+                    "conversation_key, parent_session_id, head_digest, in_flight, diverged, owner) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (session_id) DO NOTHING",
                     (session_id, model, now, now, conversation_key, parent_id, head_digest,
-                     int(in_flight), int(diverged)),
+                     int(in_flight), int(diverged), owner),
                 )
             except sqlite3.IntegrityError:
                 return False
@@ -335,11 +352,11 @@ class SessionStore:
 
         return await self._run(self._transaction, insert)
 
-    async def bind_key(self, session_id: str, key: str) -> bool:
+    async def bind_key(self, session_id: str, key: str, owner: str = "") -> bool:
         """Name a session with a conversation id; False if the id names another live session."""
 
         def bind(db: sqlite3.Connection) -> bool:
-            self._release_expired_key(db, key)
+            self._release_expired_key(db, key, owner)
             try:
                 db.execute("UPDATE sessions SET conversation_key = ? WHERE session_id = ?", (key, session_id))
             except sqlite3.IntegrityError:

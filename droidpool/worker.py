@@ -9,9 +9,11 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -151,6 +153,7 @@ class Worker:
         self.available_models: list[dict[str, Any]] = []
         self.exit_code: int | None = None
         self.rss = 0  # bytes, of the whole process group; measured by the pool
+        self.session_dir: Path | None = None
         self._process: anyio.abc.Process | None = None
         self._stderr: collections.deque[bytes] = collections.deque()
         self._stderr_size = 0
@@ -202,8 +205,11 @@ class Worker:
     async def initialize(self, settings: SessionSettings, timeout: float) -> str:
         """Start a fresh droid session; only valid while no turn has run in this process."""
         assert self.turns == 0, "initialize_session after a turn leaks the old context"
+        # Each session works in a directory of its own (droid keeps it across load_session).
+        workdir = Path(self.spec.cwd) / "sessions" / uuid.uuid4().hex
+        workdir.mkdir(parents=True, mode=0o700)
         result = await self.call(
-            "droid.initialize_session", settings.init_params(self.spec.machine_id, self.spec.cwd), timeout
+            "droid.initialize_session", settings.init_params(self.spec.machine_id, str(workdir)), timeout
         )
         session_id = result.get("sessionId")
         if not isinstance(session_id, str):
@@ -212,6 +218,7 @@ class Worker:
         self.available_models = models if isinstance(models, list) else []
         self.settings = settings
         self.session_id = session_id
+        self.session_dir = workdir
         self.model_id = settings.model_id
         return session_id
 

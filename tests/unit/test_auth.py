@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from droidpool import errors
-from droidpool.auth import ANONYMOUS, Authenticator, Principal, effective_autonomy, hash_key, load_keys
+from droidpool.auth import (
+    ANONYMOUS,
+    Authenticator,
+    Principal,
+    effective_autonomy,
+    hash_key,
+    load_keys,
+)
 from droidpool.config import ConfigError, load
 
 

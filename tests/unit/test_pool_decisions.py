@@ -6,7 +6,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from droidpool.config import ModelSpec
-from droidpool.policy import MB, RECENTLY_USED_S, SPARE_MIN_LIFE_S, PoolPolicy, Want, WorkerView, assign, reconcile, spare_targets
+from droidpool.policy import (
+    MB,
+    RECENTLY_USED_S,
+    SPARE_MIN_LIFE_S,
+    PoolPolicy,
+    Want,
+    WorkerView,
+    assign,
+    reconcile,
+    spare_targets,
+)
 from droidpool.worker import SessionSettings, WorkerState
 
 S = SessionSettings(model_id="m")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import pytest
 
 from droidpool import procfs
 from droidpool.worker import WorkerState
-from tests.unit.test_http import MODEL, chat, served
+from tests.unit.test_http import chat, served
 
 pytestmark = pytest.mark.anyio
 

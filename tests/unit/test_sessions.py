@@ -301,16 +301,19 @@ async def test_delete_waits_for_the_running_turn_and_wins_over_requests_queued_b
         session, _ = await ask(client, [user("start")])
         results: dict[str, int] = {}
 
-        async def request(name: str, method: str, path: str, body: Any = None, delay: float = 0.0) -> None:
-            await anyio.sleep(delay)
+        async def request(name: str, method: str, path: str, body: Any = None) -> None:
             response = await client.request(method, path, json=body, headers={"X-Session-Id": session})
             results[name] = response.status
 
-        chat = {"model": MODEL, "messages": [user("slow [[slow:100]]")]}
+        chat = {"model": MODEL, "messages": [user("slow [[slow:250]]")]}
         async with anyio.create_task_group() as tg:
             tg.start_soon(request, "running", "POST", "/v1/chat/completions", chat)
-            tg.start_soon(request, "delete", "DELETE", f"/v1/sessions/{session}", None, 0.15)
-            tg.start_soon(request, "queued", "POST", "/v1/chat/completions", chat, 0.3)
+            with anyio.fail_after(10):
+                while not (await get_session(client, session))["in_flight"]:
+                    await anyio.sleep(0.01)
+            tg.start_soon(request, "delete", "DELETE", f"/v1/sessions/{session}")
+            await anyio.sleep(0.3)  # the DELETE now waits for the session's lock, first in line
+            tg.start_soon(request, "queued", "POST", "/v1/chat/completions", chat)
         assert results == {"running": 200, "delete": 200, "queued": 404}
 
 

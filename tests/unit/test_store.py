@@ -56,3 +56,17 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     sqlite3.connect(path).execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     with pytest.raises(RuntimeError, match="newer"):
         await SessionStore(path, 60).open()
+
+
+async def test_conversation_ids_and_listings_are_per_owner(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path / "s.db", ttl_s=3600)
+    await store.open()
+    assert await store.create("a1", "m", conversation_key="chat", owner="alice")
+    assert await store.create("b1", "m", conversation_key="chat", owner="bob")  # same id, other owner
+    assert not await store.create("a2", "m", conversation_key="chat", owner="alice")
+    assert (await store.by_key("chat", "alice")).session_id == "a1"  # type: ignore[union-attr]
+    assert (await store.by_key("chat", "bob")).session_id == "b1"  # type: ignore[union-attr]
+    assert await store.by_key("chat") is None
+    assert [r.session_id for r in (await store.page(owner="alice")).records] == ["a1"]
+    assert {r.session_id for r in (await store.page()).records} == {"a1", "b1"}
+    await store.close()
