@@ -41,8 +41,11 @@ ANONYMOUS = Principal("")
 def load_keys(config: Config, environ: Mapping[str, str]) -> list[tuple[str, Principal]]:
     """(sha256, principal) for every key from the config, the keys file and the environment."""
     entries: list[ApiKey] = list(config.auth.keys)
-    if config.auth.keys_file:
-        path = Path(config.auth.keys_file).expanduser()
+    files = [Path(config.auth.keys_file).expanduser()] if config.auth.keys_file else []
+    directory = environ.get("CREDENTIALS_DIRECTORY")  # systemd LoadCredential=api-keys:...
+    if directory and (Path(directory) / "api-keys").is_file():
+        files.append(Path(directory) / "api-keys")
+    for path in files:
         try:
             data = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:

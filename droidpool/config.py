@@ -434,7 +434,11 @@ def _check(config: Config, sources: dict[str, dict[str, str]], environ: Mapping[
     unknown_tools = set(d.enabled_tools) - set(ALL_TOOL_IDS)
     if unknown_tools:
         raise ConfigError(f"{source('droid', 'enabled_tools')}: droid.enabled_tools has unknown tool ids {sorted(unknown_tools)}")
-    keys_configured = bool(a.keys or a.keys_file or environ.get("DROIDPOOL_API_KEY"))
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    keys_configured = bool(
+        a.keys or a.keys_file or environ.get("DROIDPOOL_API_KEY")
+        or (credentials and (Path(credentials) / "api-keys").is_file())
+    )
     if not s.allow_non_loopback and not _is_loopback(s.host) and not keys_configured:
         raise ConfigError(
             f"{source('server', 'host')}: server.host {s.host!r} is not a loopback address and no "

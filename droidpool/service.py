@@ -54,7 +54,21 @@ def worker_env(config: Config, environ: Mapping[str, str] | None = None) -> dict
     if config.droid.airgap:
         env["FACTORY_AIRGAP_ENABLED"] = "1"
     env.update(config.droid.env)
+    # systemd's LoadCredential=factory-api-key:...: the key never sits in the unit or its env.
+    credential = credential_path("factory-api-key", env)
+    if credential is not None:
+        env["FACTORY_API_KEY"] = credential.read_text().strip()
+    env.pop("CREDENTIALS_DIRECTORY", None)
     return env
+
+
+def credential_path(name: str, environ: Mapping[str, str] | None = None) -> Path | None:
+    """A systemd credential's file, if the service was given one by that name."""
+    directory = (os.environ if environ is None else environ).get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    path = Path(directory) / name
+    return path if path.is_file() else None
 
 
 def launch_spec(config: Config) -> LaunchSpec:
