@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -298,19 +299,23 @@ def scan_droid_sessions(sessions_dir: Path) -> list[DroidSessionFiles]:
     return found
 
 
+def _within(cwd: str | None, roots: set[Path]) -> bool:
+    return cwd is not None and any(Path(cwd) == root or root in Path(cwd).parents for root in roots)
+
+
 def files_to_prune(
-    found: list[DroidSessionFiles], cwds: set[str], known: dict[str, bool], now: float, min_age_s: float
+    found: list[DroidSessionFiles], roots: set[Path], known: dict[str, bool], now: float, min_age_s: float
 ) -> list[tuple[DroidSessionFiles, str]]:
     """Which droid sessions droidpool's workers made and nobody can reach any more, and why.
 
-    Only sessions whose working directory is droidpool's worker cwd are candidates: never a
+    Only sessions droid ran in (or under) droidpool's worker cwd are candidates: never a
     user's own droid sessions. A session the store holds live is kept; an expired one goes;
     an unknown one goes once untouched for ``min_age_s`` (a warm spare's session is unknown
     to the store until its first turn).
     """
     out: list[tuple[DroidSessionFiles, str]] = []
     for session in found:
-        if session.cwd not in cwds:
+        if not _within(session.cwd, roots):
             continue
         live = known.get(session.session_id)
         if live:
@@ -322,6 +327,24 @@ def files_to_prune(
     return out
 
 
+def workdirs_to_prune(
+    workdirs: list[tuple[Path, float]], found: list[DroidSessionFiles], doomed: set[str], now: float,
+    min_age_s: float,
+) -> list[Path]:
+    """Per-session working directories (``<worker cwd>/sessions/<name>``) that no kept droid
+    session works in: a pruned session's, or one no session file names (untouched ``min_age_s``)."""
+
+    def real(path: str | Path | None) -> Path | None:
+        return Path(path).resolve() if path is not None else None
+
+    kept = {real(s.cwd) for s in found if s.session_id not in doomed}
+    named = {real(s.cwd) for s in found}
+    return [
+        path for path, mtime in workdirs
+        if real(path) not in kept and (real(path) in named or now - mtime >= min_age_s)
+    ]
+
+
 @sessions.command("prune-files")
 @config_option
 @click.option("--apply", is_flag=True, help="Delete the files (default: only list them).")
@@ -331,26 +354,42 @@ def sessions_prune_files(config_path: Path | None, apply: bool, min_age_s: float
     """Delete droid's session files that droidpool no longer knows or that expired.
 
     Looks only in <droid HOME>/.factory/sessions, at sessions droid ran in droidpool's worker
-    cwd (droid.cwd, default <state_dir>/work). Dry run unless --apply.
+    cwd (droid.cwd, default <state_dir>/work), and at the per-session working directories
+    under <worker cwd>/sessions. Dry run unless --apply.
     """
+    import shutil
+
     config = _load(config_path, {})
     sessions_dir = droid_sessions_dir(config)
     cwd = config.worker_cwd
-    cwds = {str(cwd), str(cwd.resolve())}
+    roots = {cwd, cwd.resolve()}
     known: dict[str, bool] = {}
     if config.store_path.is_file():
         known = anyio.run(_with_store, config, lambda store: store.all_ids())
     found = scan_droid_sessions(sessions_dir) if sessions_dir.is_dir() else []
     age = config.store.session_ttl_s if min_age_s is None else min_age_s
-    doomed = files_to_prune(found, cwds, known, time.time(), age)
+    now = time.time()
+    doomed = files_to_prune(found, roots, known, now, age)
+    workdir_root = cwd / "sessions"
+    workdirs = [(p, p.stat().st_mtime) for p in sorted(workdir_root.iterdir()) if p.is_dir()] \
+        if workdir_root.is_dir() else []
+    dead_dirs = workdirs_to_prune(workdirs, found, {s.session_id for s, _ in doomed}, now, age)
+    verb = "deleted" if apply else "would delete"
     freed = 0
     for session, why in doomed:
         size = sum(p.stat().st_size for p in session.paths if p.exists())
         if apply:
             for path in session.paths:
                 path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                session.paths[0].parent.rmdir()  # droid's folder for that cwd, if now empty
         freed += size
-        click.echo(f"{'deleted' if apply else 'would delete'}\t{session.session_id}\t{why}\t{size} bytes")
-    kept = sum(1 for s in found if s.cwd in cwds) - len(doomed)
-    click.echo(f"{len(doomed)} session(s), {freed} bytes {'deleted' if apply else 'to delete (dry run: --apply)'}; "
-               f"{kept} kept; in {sessions_dir}", err=True)
+        click.echo(f"{verb}\t{session.session_id}\t{why}\t{size} bytes")
+    for path in dead_dirs:
+        if apply:
+            shutil.rmtree(path, ignore_errors=True)
+        click.echo(f"{verb}\t{path}\tworking directory")
+    kept = sum(1 for s in found if _within(s.cwd, roots)) - len(doomed)
+    click.echo(f"{len(doomed)} session(s), {freed} bytes and {len(dead_dirs)} working directories "
+               f"{'deleted' if apply else 'to delete (dry run: --apply)'}; {kept} kept; in {sessions_dir}",
+               err=True)

@@ -295,9 +295,9 @@ class SessionStore:
                 params.append(owner)
             if after is not None:
                 anchor = db.execute(
-                    "SELECT updated_at FROM sessions WHERE session_id = ?", (after,)
+                    "SELECT updated_at, owner FROM sessions WHERE session_id = ?", (after,)
                 ).fetchone()
-                if anchor is None:
+                if anchor is None or (owner is not None and anchor[1] != owner):  # not theirs: unknown
                     raise UnknownCursor(after)
                 where += " AND (updated_at < ? OR (updated_at = ? AND session_id < ?))"
                 params += [anchor[0], anchor[0], after]

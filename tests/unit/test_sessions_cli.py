@@ -74,44 +74,62 @@ def test_commands_refuse_a_missing_store_instead_of_creating_one(tmp_path: Path)
     assert not (tmp_path / "state" / "sessions.db").exists()
 
 
-def droid_session(folder: Path, session_id: str, cwd: str, age_s: float) -> list[Path]:
-    """A droid session on disk as droid 0.225.2 writes it."""
+def droid_session(sessions: Path, session_id: str, cwd: Path, age_s: float) -> list[Path]:
+    """A droid session on disk as droid 0.225.2 writes it (one folder per working directory),
+    and its working directory."""
+    folder = sessions / str(cwd).replace("/", "-")
     folder.mkdir(parents=True, exist_ok=True)
+    cwd.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{session_id}.jsonl", folder / f"{session_id}.settings.json"]
-    paths[0].write_text(json.dumps({"type": "session_start", "id": session_id, "cwd": cwd}) + "\n"
+    paths[0].write_text(json.dumps({"type": "session_start", "id": session_id, "cwd": str(cwd)}) + "\n"
                         + json.dumps({"type": "message", "id": "m1"}) + "\n")
     paths[1].write_text("{}")
+    aged(age_s, *paths, cwd)
+    return paths
+
+
+def aged(age_s: float, *paths: Path) -> None:
     then = time.time() - age_s
     for path in paths:
         os.utime(path, (then, then))
-    return paths
+
+
+LIVE, EXPIRED, FORGOTTEN, SPARE, OWN, SHARED = (f"{n}{n}{n}{n}{n}{n}{n}{n}-0000-4000-8000-000000000000" for n in "123456")
 
 
 def test_prune_files_deletes_only_unreachable_sessions_of_droidpools_workers(tmp_path: Path) -> None:
     config = str(write_config(tmp_path))
-    fill_store(tmp_path, ["11111111-0000-4000-8000-00000000000a"], ["22222222-0000-4000-8000-00000000000b"])
+    fill_store(tmp_path, [LIVE], [EXPIRED])
     work = tmp_path / "state" / "work"
-    ours = tmp_path / "home" / ".factory" / "sessions" / str(work).replace("/", "-")
-    users = tmp_path / "home" / ".factory" / "sessions" / "-home-someone-project"
-    # ids: live, expired (both in the store), forgotten and spare (unknown), the user's own
-    live = droid_session(ours, "11111111-0000-4000-8000-00000000000a", str(work), 2 * TTL)
-    expired = droid_session(ours, "22222222-0000-4000-8000-00000000000b", str(work), 2 * TTL)
-    forgotten = droid_session(ours, "33333333-0000-4000-8000-00000000000c", str(work), 2 * TTL)
-    spare = droid_session(ours, "44444444-0000-4000-8000-00000000000d", str(work), 60)  # a warm spare's: too recent
-    own = droid_session(users, "55555555-0000-4000-8000-00000000000e", "/home/someone/project", 10 * TTL)
+    sessions = tmp_path / "home" / ".factory" / "sessions"
+    # Each droidpool session works in <worker cwd>/sessions/<name>; older ones in the cwd itself.
+    live = droid_session(sessions, LIVE, work / "sessions" / "a", 2 * TTL)
+    expired = droid_session(sessions, EXPIRED, work / "sessions" / "b", 2 * TTL)
+    forgotten = droid_session(sessions, FORGOTTEN, work / "sessions" / "c", 2 * TTL)
+    spare = droid_session(sessions, SPARE, work / "sessions" / "d", 60)  # a warm spare's: too recent
+    shared = droid_session(sessions, SHARED, work, 2 * TTL)  # unknown, in the cwd itself
+    own = droid_session(sessions, OWN, tmp_path / "someone" / "project", 10 * TTL)  # a user's own
+    orphan, fresh = work / "sessions" / "e", work / "sessions" / "f"  # no session file names them
+    orphan.mkdir()
+    fresh.mkdir()
+    aged(2 * TTL, orphan)
 
     code, out, err = run("sessions", "prune-files", "--config", config)
     assert code == 0
-    assert {line.split("\t")[1]: line.split("\t")[2] for line in out.splitlines()} == {
-        "22222222-0000-4000-8000-00000000000b": "expired", "33333333-0000-4000-8000-00000000000c": "unknown"}
+    assert {tuple(line.split("\t")[1:3]) for line in out.splitlines()} == {
+        (EXPIRED, "expired"), (FORGOTTEN, "unknown"), (SHARED, "unknown"),
+        (str(work / "sessions" / "b"), "working directory"), (str(work / "sessions" / "c"), "working directory"),
+        (str(orphan), "working directory")}
     assert "dry run" in err
-    assert all(p.exists() for p in live + expired + forgotten + spare + own)
+    assert all(p.exists() for p in live + expired + forgotten + spare + own + shared + [orphan])
 
     code, out, _ = run("sessions", "prune-files", "--config", config, "--apply")
     assert code == 0
-    assert not any(p.exists() for p in expired + forgotten)
-    assert all(p.exists() for p in live + spare + own)
+    assert not any(p.exists() for p in expired + forgotten + shared)
+    assert not any((work / "sessions" / name).exists() for name in "bce")
+    assert all(p.exists() for p in live + spare + own + [work / "sessions" / "a", work / "sessions" / "d", fresh])
+    assert not expired[0].parent.exists()  # droid's folder for that working directory, now empty
 
     code, out, _ = run("sessions", "prune-files", "--config", config, "--apply", "--min-age", "0")
-    assert [line.split("\t")[1] for line in out.splitlines()] == ["44444444-0000-4000-8000-00000000000d"]
-    assert all(p.exists() for p in live + own)
+    assert {line.split("\t")[1] for line in out.splitlines()} == {SPARE, str(work / "sessions" / "d"), str(fresh)}
+    assert all(p.exists() for p in live + own) and (work / "sessions" / "a").exists()

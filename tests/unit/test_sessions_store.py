@@ -133,3 +133,14 @@ async def test_the_daemon_and_the_cli_can_open_one_file_at_once(tmp_path: Path) 
     assert await first.get("s") is None
     await first.close()
     await second.close()
+
+
+async def test_a_page_cursor_must_be_the_owners_own_session(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "s.db")
+    await store.create("mine", "m", owner="alice")
+    await store.create("theirs", "m", owner="bob")
+    assert [r.session_id for r in (await store.page(10, owner="alice")).records] == ["mine"]
+    assert (await store.page(10, "mine", owner="alice")).records == []
+    with pytest.raises(UnknownCursor):
+        await store.page(10, "theirs", owner="alice")
+    await store.close()
