@@ -440,3 +440,33 @@ async def test_the_session_list_pages(tmp_path: Path) -> None:
             assert response.status == 400
             assert (await response.json())["error"]["param"] == next(iter(bad))
 
+
+
+async def test_a_failed_turns_usage_is_counted_without_moving_the_head(tmp_path: Path) -> None:
+    from droidpool.chat import ChatService, Outcome, Turn
+    from droidpool.protocol import TurnCompleted, Usage
+    from droidpool.worker import SessionSettings
+
+    class Events:
+        """A turn that droid ended unsuccessfully, after spending tokens."""
+
+        def __init__(self) -> None:
+            self.events = [TurnCompleted("model_rate_limited", Usage(7, 1, 0, 0, 2))]
+
+        async def __anext__(self) -> TurnCompleted:
+            if not self.events:
+                raise StopAsyncIteration
+            return self.events.pop()
+
+    store = SessionStore(tmp_path / "s.db", 3600)
+    await store.open()
+    await store.create("s", MODEL)
+    await store.complete_turn("s", MODEL, "head-1", Usage(3, 3, 0, 0, 0))
+    chat = ChatService(None, store, SessionSettings(), first_token_s=5, turn_s=5, interrupt_grace_s=1)  # type: ignore[arg-type]
+    turn = Turn("s", None, False, Events(), 5, 5, "head-1", (), Outcome())  # type: ignore[arg-type]
+    assert [e async for e in turn.events(1.0) if e is not None] != []
+    await chat._settle("s", turn.outcome)
+    record = await store.get("s")
+    assert record is not None and record.head_digest == "head-1" and record.failed_turns == 1
+    assert record.usage == Usage(10, 4, 0, 0, 2) and record.diverged
+    await store.close()
