@@ -52,3 +52,37 @@ def children(pid: int) -> list[tuple[int, str]]:
         if fields is not None and int(fields[1]) == pid:
             out.append((int(entry.name), fields[0]))
     return out
+
+
+def leftover_workers(root: Path, ours: int) -> list[int]:
+    """droid workers a previous droidpool left running: ``droid exec ... stream-jsonrpc``
+    processes whose working directory is ``root`` (or below) and that are not ``ours``'s."""
+    root = root.resolve()
+    mine = set(_descendants(ours))
+    found = []
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit() or int(entry.name) in mine or int(entry.name) == ours:
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        if b"exec" in cmdline and b"stream-jsonrpc" in cmdline and (cwd == root or root in cwd.parents):
+            found.append(int(entry.name))
+    return found
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in PROC.iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(entry)
+            if fields is not None:
+                parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    out, stack = [], [pid]
+    while stack:
+        for child in parents.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out

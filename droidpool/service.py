@@ -13,7 +13,7 @@ import anyio.abc
 import structlog
 from aiohttp import web
 
-from . import logs
+from . import logs, procfs
 from .auth import Authenticator, load_keys
 from .chat import ChatService
 from .config import ALL_TOOL_IDS, Config, ConfigError
@@ -133,6 +133,7 @@ class Daemon:
 
     async def run(self) -> None:
         spec = launch_spec(self.config)  # a StartupError here reaches the CLI as a plain message
+        kill_leftover_workers(self.config.worker_cwd)
         try:
             self.auth = Authenticator(load_keys(self.config, os.environ))
         except ConfigError as exc:
@@ -254,6 +255,24 @@ class Daemon:
             else:
                 log.error("droidpool.supervisor_stalled", pool=repr(pool))
             await anyio.sleep(interval)
+
+
+def kill_leftover_workers(root: Path) -> list[int]:
+    """A droidpool that died without stopping its workers (SIGKILL, OOM) leaves them running:
+    idle ones exit on their own (stdin closed), busy ones finish their turn and could write
+    to a session this daemon is about to load. Their whole process groups are killed."""
+    leftovers = procfs.leftover_workers(root, os.getpid())
+    for pid in leftovers:
+        try:
+            os.killpg(pid, signal.SIGKILL)  # each worker leads its own process group
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    if leftovers:
+        log.warning("droidpool.killed_leftover_workers", pids=leftovers)
+    return leftovers
 
 
 async def _sweep_sessions(store: SessionStore, every_s: float = 600.0) -> None:

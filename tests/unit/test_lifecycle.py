@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import threading
@@ -119,3 +120,35 @@ def test_sighup_reloads_the_pool_without_dropping_a_turn(tmp_path: Path) -> None
         assert "droidpool.reloaded" in daemon.log()
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_restarted_daemon_kills_the_workers_a_killed_one_left(tmp_path: Path) -> None:
+    """A worker left by a daemon that was SIGKILLed (here: planted by the test, its stdin held
+    open so it stays alive) is killed at start-up; a droid elsewhere is left alone."""
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "state" / "work"
+    workdir.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    argv = [sys.executable, str(FAKE_DROID), "exec", "--input-format", "stream-jsonrpc", "--output-format", "stream-jsonrpc"]
+    env = {**os.environ, "HOME": str(tmp_path / "home")}
+    (tmp_path / "home").mkdir(exist_ok=True)
+    leftover = subprocess.Popen(argv, cwd=workdir, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+    bystander = subprocess.Popen(argv, cwd=elsewhere, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
+                                 start_new_session=True)
+    try:
+        time.sleep(0.3)
+        daemon = start_daemon(tmp_path, sections(tmp_path))
+        try:
+            assert leftover.wait(timeout=10) == -signal.SIGKILL
+            assert bystander.poll() is None
+            assert "droidpool.killed_leftover_workers" in daemon.log()
+        finally:
+            assert daemon.stop() == 0
+    finally:
+        for process in (leftover, bystander):
+            process.kill()
+            process.wait(timeout=10)
