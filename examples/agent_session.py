@@ -46,7 +46,7 @@ def main() -> int:
     if not args.model:
         parser.error("give --model or set DROIDPOOL_MODEL (ids: GET /v1/models)")
 
-    client = openai.OpenAI(base_url=BASE_URL, api_key="unused")
+    client = openai.OpenAI(base_url=BASE_URL, api_key=os.environ.get("DROIDPOOL_API_KEY", "unused"))
     session_id: str | None = None
     for text in turns_from(args.turns):
         messages: list[dict[str, str]] = []

@@ -6,16 +6,19 @@ set -euo pipefail
 
 BASE=http://127.0.0.1:8765
 MODEL=${1:-${DROIDPOOL_MODEL:-}}
+# Needed only once droidpool has API keys configured.
+AUTH=()
+if [ -n "${DROIDPOOL_API_KEY:-}" ]; then AUTH=(-H "Authorization: Bearer $DROIDPOOL_API_KEY"); fi
 
 echo "== GET /v1/models"
-curl -sS "$BASE/v1/models"
+curl -sS "${AUTH[@]}" "$BASE/v1/models"
 echo
 if [ -z "$MODEL" ]; then
-  MODEL=$(curl -sS "$BASE/v1/models" | python3 -c 'import json, sys; print(json.load(sys.stdin)["data"][0]["id"])')
+  MODEL=$(curl -sS "${AUTH[@]}" "$BASE/v1/models" | python3 -c 'import json, sys; print(json.load(sys.stdin)["data"][0]["id"])')
 fi
 
 echo "== streaming (-N: print each SSE event as it arrives)"
-curl -sS -N "$BASE/v1/chat/completions" \
+curl -sS "${AUTH[@]}" -N "$BASE/v1/chat/completions" \
   -H 'Content-Type: application/json' \
   -d '{"model": "'"$MODEL"'", "stream": true, "stream_options": {"include_usage": true},
        "messages": [{"role": "user", "content": "Count from one to five in words."}]}'
@@ -23,7 +26,7 @@ curl -sS -N "$BASE/v1/chat/completions" \
 echo "== non-streaming, keeping the response headers"
 headers=$(mktemp)
 trap 'rm -f "$headers"' EXIT
-curl -sS -D "$headers" "$BASE/v1/chat/completions" \
+curl -sS "${AUTH[@]}" -D "$headers" "$BASE/v1/chat/completions" \
   -H 'Content-Type: application/json' \
   -d '{"model": "'"$MODEL"'",
        "messages": [{"role": "system", "content": "Answer in one short sentence."},
@@ -33,7 +36,7 @@ SESSION=$(awk 'tolower($1) == "x-session-id:" {print $2}' "$headers" | tr -d '\r
 echo "session: $SESSION"
 
 echo "== follow-up: only the new message, same droid session"
-curl -sS "$BASE/v1/chat/completions" \
+curl -sS "${AUTH[@]}" "$BASE/v1/chat/completions" \
   -H 'Content-Type: application/json' \
   -H "X-Session-Id: $SESSION" \
   -d '{"model": "'"$MODEL"'",
@@ -41,8 +44,8 @@ curl -sS "$BASE/v1/chat/completions" \
 echo
 
 echo "== sessions"
-curl -sS "$BASE/v1/sessions"
+curl -sS "${AUTH[@]}" "$BASE/v1/sessions"
 echo
-curl -sS "$BASE/v1/sessions/$SESSION"
+curl -sS "${AUTH[@]}" "$BASE/v1/sessions/$SESSION"
 echo
-# Forget it:  curl -sS -X DELETE "$BASE/v1/sessions/$SESSION"
+# Forget it:  curl -sS "${AUTH[@]}" -X DELETE "$BASE/v1/sessions/$SESSION"

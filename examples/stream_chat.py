@@ -25,7 +25,8 @@ def main() -> int:
         print(__doc__, file=sys.stderr)
         return 2
     prompt = " ".join(sys.argv[2:]) or "Describe a river delta in three sentences."
-    client = openai.OpenAI(base_url=BASE_URL, api_key="unused")  # droidpool checks no key
+    # The key matters only once droidpool has API keys configured.
+    client = openai.OpenAI(base_url=BASE_URL, api_key=os.environ.get("DROIDPOOL_API_KEY", "unused"))
     try:
         raw = client.chat.completions.with_raw_response.create(
             model=model,
