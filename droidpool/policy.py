@@ -16,7 +16,7 @@ DEFAULT_WORKER_RSS = 200 * MB
 SPARE_MIN_LIFE_S = 60.0
 # An idle session worker used more recently than this is not evicted just to pre-warm a spare:
 # its conversation's next turn is likely close. (A new conversation may still evict it at the cap.)
-RECENTLY_USED_S = 30.0
+RECENTLY_USED_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
