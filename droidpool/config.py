@@ -104,6 +104,11 @@ class DroidConfig:
     machine_id: str = field(
         default="droidpool", metadata={"doc": "machineId sent to droid.initialize_session."}
     )
+    generate_titles: bool = field(
+        default=False,
+        metadata={"doc": "Let droid ask the LLM for a title on each new session's first turn "
+                         "(an extra upstream request); false names sessions itself."},
+    )
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ class LaunchSpec:
     cwd: str = "."
     machine_id: str = "droidpool"
     permission_policy: str = "cancel"
+    session_title: str | None = "droidpool"  # set before the first turn: droid then skips its title LLM call
     max_line_bytes: int = 8 * 1024 * 1024
     stop_grace_s: float = 3.0
 
@@ -214,6 +215,9 @@ class Worker:
         session_id = result.get("sessionId")
         if not isinstance(session_id, str):
             raise errors.UpstreamError("droid.initialize_session returned no sessionId")
+        if self.spec.session_title:
+            # A title set before the first message stops droid's extra title request upstream.
+            await self.call("droid.rename_session", {"title": self.spec.session_title}, timeout)
         models = result.get("availableModels")
         self.available_models = models if isinstance(models, list) else []
         self.settings = settings

@@ -797,6 +797,19 @@ class Server:
             "updatedAt": iso_now(),
         }
 
+    def m_rename_session(self, params: dict, req_id: object):
+        # Real droid 0.225.2: {"success": true}; a title set before the first message stops
+        # its title request upstream (session_title_updated with updateType manual_rename).
+        session = self.require_session()
+        title = params.get("title")
+        if not isinstance(title, str):
+            raise RpcError(-32602, "Invalid request for droid.rename_session: params.title: Expected string")
+        session["title"] = title
+        self.store.save(session)
+        self.notify({"type": "session_title_updated", "title": title, "updateType": "manual_rename"},
+                    session["id"])
+        return {"success": True}
+
     def m_close_session(self, params: dict, req_id: object):
         return {}, lambda: self.shutdown(0)
 
@@ -1417,6 +1430,7 @@ METHODS = {
     "droid.list_tools": Server.m_list_tools,
     "droid.get_context_stats": Server.m_get_context_stats,
     "droid.close_session": Server.m_close_session,
+    "droid.rename_session": Server.m_rename_session,
 }
 
 

@@ -34,6 +34,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -422,6 +423,59 @@ async def conversation(
     return (time.perf_counter() - started) * 1000, results
 
 
+async def _raw_conversations(run: Run, n: int, tag: str) -> tuple[float, list[float]]:
+    """The same workload on ``n`` raw droid processes, pre-initialized as droidpool's spares are
+    (tools disabled, title set): the baseline that shows what droid itself costs."""
+    from droidpool.config import ALL_TOOL_IDS
+
+    env = {**os.environ, "HOME": str(run.home), "FACTORY_AIRGAP_ENABLED": "1", "FACTORY_LOG_FILE": "/dev/null"}
+    workdir = run.tmp / f"raw-{n}-{tag}"
+    workdir.mkdir()
+    procs = []
+    try:
+        for _ in range(n):
+            procs.append(await asyncio.create_subprocess_exec(
+                run.binary, "exec", "--input-format", "stream-jsonrpc", "--output-format", "stream-jsonrpc",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, cwd=workdir,
+                limit=1 << 24, start_new_session=True))
+
+        async def call(proc: Any, method: str, params: dict[str, Any], until_turn_end: bool = False) -> None:
+            request_id = uuid.uuid4().hex
+            proc.stdin.write((json.dumps({"jsonrpc": "2.0", "factoryApiVersion": "1.0.0", "type": "request",
+                                          "id": request_id, "method": method, "params": params}) + "\n").encode())
+            async with asyncio.timeout(120):
+                while True:
+                    message = json.loads(await proc.stdout.readline())
+                    if not until_turn_end and message.get("id") == request_id:
+                        return
+                    note = message.get("params", {}).get("notification", {})
+                    if until_turn_end and note.get("type") == "agent_turn_completed":
+                        return
+
+        for proc in procs:
+            await call(proc, "droid.initialize_session", {"machineId": "bench", "cwd": str(workdir),
+                                                          "modelId": PACED, "disabledToolIds": list(ALL_TOOL_IDS)})
+            await call(proc, "droid.rename_session", {"title": "bench"})
+        await asyncio.sleep(SETTLE_S + 1)
+
+        async def one(i: int) -> list[float]:
+            turns = []
+            for t in range(CONC_TURNS):
+                began = time.perf_counter()
+                await call(procs[i], "droid.add_user_message", {"text": f"raw {i} turn {t} {tag}"}, until_turn_end=True)
+                turns.append((time.perf_counter() - began) * 1000)
+            return turns
+
+        began = time.perf_counter()
+        results = await asyncio.gather(*(one(i) for i in range(n)))
+        return (time.perf_counter() - began) * 1000, [statistics.median(r[t] for r in results) for t in range(CONC_TURNS)]
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
+
 async def scenario_concurrency(run: Run, tag: str) -> dict[str, Any]:
     n = CONC_CONVERSATIONS
     pool_section = {"max_workers": 12, "models": [{"id": PACED, "spares": n}]}
@@ -457,7 +511,13 @@ async def scenario_concurrency(run: Run, tag: str) -> dict[str, Any]:
     single = statistics.median(singles) if singles else None
     ratio = wall / single if single else None
     per_turn = [[r.total_ms for r in rs] for _, rs in runs]
+    raw_single, _ = await _raw_conversations(run, 1, tag)
+    raw_wall, raw_turns = await _raw_conversations(run, n, tag)
     return {
+        "raw_single_wall_ms": round(raw_single, 1),
+        "raw_concurrent_wall_ms": round(raw_wall, 1),
+        "raw_ratio": round(raw_wall / raw_single, 3),
+        "raw_turn_median_ms": [round(t, 1) for t in raw_turns],
         "conversations": n,
         "turns": CONC_TURNS,
         "single_wall_ms": [round(x, 1) for x in singles],
@@ -684,6 +744,9 @@ def report(fig: dict[str, Any]) -> tuple[str, list[tuple[str, bool | None]]]:
         row(f"1 conversation ({c['turns']} turns), wall", f"{fmt(c['single_wall_median_ms'])} ms (median of {len(c['single_wall_ms'])})")
         row(f"{c['conversations']} concurrent conversations, wall", f"{fmt(c['concurrent_wall_ms'])} ms")
         row("  concurrency ratio", f"{fmt(c['ratio'], '.2f')}  (target <= {CONC_TARGET})")
+        row("  same workload, raw droid processes", f"{fmt(c['raw_concurrent_wall_ms'])} / {fmt(c['raw_single_wall_ms'])} ms "
+            f"= ratio {fmt(c['raw_ratio'], '.2f')}  (droid alone; per-turn medians {c['raw_turn_median_ms']} ms)")
+        row("  droidpool turn medians", str([d['median'] for d in c['turn_ms_by_index']]) + " ms")
         row("  follow-up TTFT under concurrency", f"median {fmt(c['followup_ttft_ms']['median'])} ms  p90 {fmt(c['followup_ttft_ms']['p90'])} ms")
         lc = c["log_during_concurrent"]
         row("  stops during the concurrent run", f"retire {lc['retire'] or '{}'}, evict-at-cap {lc['evict_at_cap']}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -97,6 +98,15 @@ def test_streams_content_chunks_as_the_llm_paces_them(client: openai.OpenAI) -> 
     assert sum(gap > fakellm.PACE_S * 0.5 for gap in gaps) >= len(gaps) - 2, gaps
     assert arrivals[-1] - arrivals[0] > fakellm.PACE_S * (fakellm.PACED_CHUNKS - 3)
     assert usage is not None and usage.completion_tokens > 0 and usage.prompt_tokens > 0
+
+
+def test_new_conversations_cost_no_title_request_upstream(client: openai.OpenAI, fake_llm: FakeLLMProcess) -> None:
+    """droidpool names sessions itself (droid.rename_session at init): droid then skips the
+    extra LLM call it otherwise makes on a session's first turn to generate a title."""
+    tag = marker()
+    client.chat.completions.create(model="custom:fake-paced", messages=[{"role": "user", "content": f"title? {tag}"}])
+    seen = [r for r in fake_llm.requests() if tag in json.dumps(r["messages"])]
+    assert [r["title"] for r in seen] == [False]
 
 
 def test_stateless_resend_continues_the_same_droid_session(client: openai.OpenAI, fake_llm: FakeLLMProcess) -> None:

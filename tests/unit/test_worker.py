@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -149,3 +150,16 @@ def test_launch_spec_repr_never_shows_the_environment(tmp_path: Path) -> None:
     launch = spec(tmp_path, FACTORY_API_KEY="fk-secret-value")
     assert "fk-secret-value" not in repr(launch)
     assert "fk-secret-value" not in repr(Worker(launch))
+
+
+async def test_a_session_is_named_at_init_so_droid_asks_no_title(tmp_path: Path) -> None:
+    log = tmp_path / "methods.log"
+    async with running(spec(tmp_path, FAKE_DROID_LOG=str(log))):
+        pass
+    methods = log.read_text().split()
+    assert methods.index("droid.rename_session") == methods.index("droid.initialize_session") + 1
+    (tmp_path / "b").mkdir()
+    untitled = dataclasses.replace(spec(tmp_path / "b", FAKE_DROID_LOG=str(tmp_path / "b.log")), session_title=None)
+    async with running(untitled):
+        pass
+    assert "droid.rename_session" not in (tmp_path / "b.log").read_text()
