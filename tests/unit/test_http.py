@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,43 +13,13 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from droidpool.config import load
 from droidpool.http import build_app
-from droidpool.pool import Pool
 from droidpool.service import build_chat, build_pool
 from droidpool.store import SessionStore
 from droidpool.worker import WorkerState
 from tests.conftest import FAKE_DROID
+from tests.unit.harness import MODEL, served
 
 pytestmark = pytest.mark.anyio
-MODEL = "custom:fake-model"
-
-
-@asynccontextmanager
-async def served(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[TestClient, Pool]]:
-    home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
-    settings: dict[str, Any] = {
-        "droid.binary": str(FAKE_DROID),
-        "droid.home": str(home),
-        "server.state_dir": str(tmp_path / "state"),
-        "server.keepalive_s": 5.0,
-        "pool.models": [{"id": MODEL, "spares": 1}],
-        "pool.max_workers": 3,
-        "pool.stop_grace_s": 1.0,
-        "deadlines.interrupt_grace_s": 1.0,
-        **overrides,
-    }
-    config = load(None, environ={}, overrides=settings)
-    store = SessionStore(config.store_path, config.store.session_ttl_s)
-    await store.open()
-    try:
-        async with build_pool(config) as pool:
-            assert await pool.wait_warm(15)
-            app = build_app(build_chat(config, pool, store), pool, store,
-                            max_body_bytes=config.server.max_body_bytes, keepalive_s=config.server.keepalive_s)
-            async with TestClient(TestServer(app)) as client:
-                yield client, pool
-    finally:
-        await store.close()
 
 
 def chat(text: str, **extra: Any) -> dict[str, Any]:

@@ -11,16 +11,14 @@ from typing import Any
 
 import anyio
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from droidpool.auth import Authenticator, Principal, hash_key
 from droidpool.config import ALL_TOOL_IDS, load
-from droidpool.http import build_app
-from droidpool.metrics import Metrics
 from droidpool.pool import Pool
-from droidpool.service import build_chat, build_pool, launch_spec
-from droidpool.store import SessionStore
+from droidpool.service import launch_spec
 from tests.conftest import FAKE_DROID, start_daemon
+from tests.unit.harness import served
 
 pytestmark = pytest.mark.anyio
 MODEL = "custom:fake-model"
@@ -36,24 +34,9 @@ def bearer(name: str) -> dict[str, str]:
 
 @asynccontextmanager
 async def secured(tmp_path: Path) -> AsyncIterator[tuple[TestClient, Pool]]:
-    (tmp_path / "home").mkdir(exist_ok=True)
-    config = load(None, environ={}, overrides={
-        "droid.binary": str(FAKE_DROID), "droid.home": str(tmp_path / "home"),
-        "server.state_dir": str(tmp_path / "state"), "pool.models": [{"id": MODEL, "spares": 1}],
-        "pool.max_workers": 3,
-    })
-    store = SessionStore(config.store_path, 3600)
-    await store.open()
     auth = Authenticator([(hash_key(f"{name}-secret"), p) for name, p in KEYS.items()])
-    try:
-        async with build_pool(config) as pool:
-            assert await pool.wait_warm(15)
-            app = build_app(build_chat(config, pool, store), pool, store, max_body_bytes=1 << 20,
-                            keepalive_s=5, auth=auth, metrics=Metrics(pool))
-            async with TestClient(TestServer(app)) as client:
-                yield client, pool
-    finally:
-        await store.close()
+    async with served(tmp_path, auth=auth, **{"server.max_body_bytes": 1 << 20}) as served_app:
+        yield served_app
 
 
 def chat(text: str, model: str = MODEL, **extra: Any) -> dict[str, Any]:

@@ -13,15 +13,12 @@ from typing import Any
 
 import anyio
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from droidpool.config import load
-from droidpool.http import build_app
 from droidpool.pool import Pool
-from droidpool.service import build_chat, build_pool
 from droidpool.store import SessionStore
 from droidpool.worker import Worker, WorkerState
-from tests.conftest import FAKE_DROID
+from tests.unit import harness
 
 pytestmark = pytest.mark.anyio
 MODEL = "custom:fake-model"
@@ -45,34 +42,9 @@ class ForkingWorker(Worker):
 
 @asynccontextmanager
 async def served(tmp_path: Path, forking: bool = False, **overrides: Any) -> AsyncIterator[tuple[TestClient, Pool]]:
-    home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
-    settings: dict[str, Any] = {
-        "droid.binary": str(FAKE_DROID),
-        "droid.home": str(home),
-        "server.state_dir": str(tmp_path / "state"),
-        "pool.models": [{"id": MODEL, "spares": 1}],
-        "pool.max_workers": 3,
-        "pool.stop_grace_s": 1.0,
-        "deadlines.interrupt_grace_s": 1.0,
-        **overrides,
-    }
-    config = load(None, environ={}, overrides=settings)
-    store = SessionStore(config.store_path, config.store.session_ttl_s)
-    await store.open()
-    try:
-        pool = build_pool(config)
-        if forking:
-            pool = Pool(pool.spec, base_settings=pool.base_settings, policy=pool.policy,
-                        worker_factory=lambda spec, model: ForkingWorker(spec, model))
-        async with pool:
-            assert await pool.wait_warm(15)
-            app = build_app(build_chat(config, pool, store), pool, store,
-                            max_body_bytes=config.server.max_body_bytes, keepalive_s=5.0)
-            async with TestClient(TestServer(app)) as client:
-                yield client, pool
-    finally:
-        await store.close()
+    factory = (lambda spec, model: ForkingWorker(spec, model)) if forking else None
+    async with harness.served(tmp_path, worker_factory=factory, **overrides) as served_app:
+        yield served_app
 
 
 def user(text: str) -> dict[str, str]:

@@ -1,0 +1,62 @@
+"""The HTTP app over a real pool of fake droid workers, for tests through aiohttp's test server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from droidpool.auth import Authenticator
+from droidpool.config import load
+from droidpool.http import build_app
+from droidpool.metrics import Metrics
+from droidpool.pool import Pool
+from droidpool.service import build_chat, build_pool
+from droidpool.store import SessionStore
+from droidpool.worker import LaunchSpec, Worker
+from tests.conftest import FAKE_DROID
+
+MODEL = "custom:fake-model"
+
+
+@asynccontextmanager
+async def served(
+    tmp_path: Path,
+    *,
+    worker_factory: Callable[[LaunchSpec, str | None], Worker] | None = None,
+    auth: Authenticator | None = None,
+    **overrides: Any,
+) -> AsyncIterator[tuple[TestClient, Pool]]:
+    """A daemon's app (pool warm, store open) served on loopback; ``overrides`` are config keys."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    settings: dict[str, Any] = {
+        "droid.binary": str(FAKE_DROID),
+        "droid.home": str(home),
+        "server.state_dir": str(tmp_path / "state"),
+        "server.keepalive_s": 5.0,
+        "pool.models": [{"id": MODEL, "spares": 1}],
+        "pool.max_workers": 3,
+        "pool.stop_grace_s": 1.0,
+        "deadlines.interrupt_grace_s": 1.0,
+        **overrides,
+    }
+    config = load(None, environ={}, overrides=settings)
+    store = SessionStore(config.store_path, config.store.session_ttl_s)
+    await store.open()
+    try:
+        pool = build_pool(config)
+        if worker_factory is not None:
+            pool = Pool(pool.spec, base_settings=pool.base_settings, policy=pool.policy, worker_factory=worker_factory)
+        async with pool:
+            assert await pool.wait_warm(15)
+            app = build_app(build_chat(config, pool, store), pool, store,
+                            max_body_bytes=config.server.max_body_bytes, keepalive_s=config.server.keepalive_s,
+                            body_timeout_s=config.server.body_timeout_s, auth=auth, metrics=Metrics(pool))
+            async with TestClient(TestServer(app)) as client:
+                yield client, pool
+    finally:
+        await store.close()
