@@ -13,7 +13,8 @@ import pytest
 
 from droidpool import procfs
 from droidpool.worker import WorkerState
-from tests.unit.test_http import chat, served
+from tests.unit.harness import served
+from tests.unit.test_http import chat
 
 pytestmark = pytest.mark.anyio
 
