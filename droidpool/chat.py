@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +103,7 @@ class ChatService:
         turn_s: float,
         interrupt_grace_s: float,
         configured_models: Sequence[str] = (),
+        model_names: Mapping[str, str] | None = None,
     ) -> None:
         self.pool = pool
         self.store = store
@@ -111,6 +112,7 @@ class ChatService:
         self.turn_s = turn_s
         self.interrupt_grace_s = interrupt_grace_s
         self.configured_models = tuple(configured_models)
+        self.model_names = dict(model_names or {})  # BYOK names → display names
 
     # --- models ------------------------------------------------------------------------------
 
@@ -127,12 +129,17 @@ class ChatService:
         """droid's id for the requested model, or ModelNotFound.
 
         droid lists generated ids (``custom:<displayName>-<n>``); a name without the ``-<n>``
-        suffix and any id configured in pool.models are accepted too.
+        suffix, any id configured in pool.models, and a BYOK model's name from droid's
+        settings (``custom:<model>``) are accepted too.
         """
         models = {m["id"]: m for m in self.models()}
         if not models:
             return request.model  # nothing known yet (no worker has answered): droid will judge
         aliases = {re.sub(r"-\d+$", "", model_id): model_id for model_id in models}
+        by_display = {m.get("displayName"): m["id"] for m in models.values() if m.get("isCustom")}
+        for name, display in self.model_names.items():
+            if display in by_display:
+                aliases.setdefault(name, by_display[display])
         model_id = request.model if request.model in models else aliases.get(request.model)
         if model_id is None:
             raise errors.ModelNotFound(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -62,6 +63,30 @@ def worker_env(config: Config, environ: Mapping[str, str] | None = None) -> dict
     return env
 
 
+def droid_settings_path(config: Config) -> Path:
+    """droid's own settings file for the workers (BYOK custom models live there)."""
+    env = worker_env(config)
+    home = Path(env.get("FACTORY_HOME_OVERRIDE") or env.get("HOME") or "~").expanduser()
+    return home / ".factory" / "settings.json"
+
+
+def byok_names(config: Config) -> dict[str, str]:
+    """BYOK model names droid accepts (``custom:<model>``, ``<model>``) → their display name.
+
+    droid.list_models shows only generated ids (``custom:<displayName>-<n>``); a client may
+    well use the name from the settings instead, as droid itself does."""
+    try:
+        data = json.loads(droid_settings_path(config).read_text())
+    except (OSError, ValueError):
+        return {}
+    names: dict[str, str] = {}
+    for entry in data.get("customModels", []) if isinstance(data, dict) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("model"), str) and isinstance(entry.get("displayName"), str):
+            names.setdefault(f"custom:{entry['model']}", entry["displayName"])
+            names.setdefault(entry["model"], entry["displayName"])
+    return names
+
+
 def credential_path(name: str, environ: Mapping[str, str] | None = None) -> Path | None:
     """A systemd credential's file, if the service was given one by that name."""
     directory = (os.environ if environ is None else environ).get("CREDENTIALS_DIRECTORY")
@@ -112,6 +137,7 @@ def build_chat(config: Config, pool: Pool, store: SessionStore) -> ChatService:
         turn_s=config.deadlines.turn_s,
         interrupt_grace_s=config.deadlines.interrupt_grace_s,
         configured_models=[m.id for m in config.pool.models],
+        model_names=byok_names(config),
     )
 
 

@@ -133,6 +133,9 @@ def write_droid_home(home: Path, llm_url: str) -> Path:
         }
         for name, scenario in FAKE_MODELS.items()
     ]
+    # One whose display name differs from its model name: droid lists it as custom:Fake-Named-0.
+    models.append({"model": "fake-named", "displayName": "Fake Named", "baseUrl": f"{llm_url}/s/echo/v1",
+                   "apiKey": "dummy-test-key", "provider": "generic-chat-completion-api", "maxOutputTokens": 1000})
     (factory / "settings.json").write_text(json.dumps({"customModels": models}))
     return home
 

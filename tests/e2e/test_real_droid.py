@@ -243,6 +243,16 @@ def test_errors_use_the_openai_envelope(client: openai.OpenAI, daemon: Daemon) -
     assert "401" in upstream.value.message
 
 
+def test_a_byok_model_answers_by_its_settings_name_and_droids_id(client: openai.OpenAI, fake_llm: FakeLLMProcess) -> None:
+    ids = {m.id for m in client.models.list()}
+    assert "custom:Fake-Named-0" in ids  # what droid lists
+    for name in ("custom:fake-named", "custom:Fake-Named-0"):
+        tag = marker()
+        answer = client.chat.completions.create(model=name, messages=[{"role": "user", "content": f"named {tag}"}])
+        assert (answer.choices[0].message.content or "").startswith("ECHO")
+        assert fake_llm.answer_requests(f"named {tag}")[0]["scenario"] == "echo"
+
+
 def test_models_and_health(daemon: Daemon, client: openai.OpenAI) -> None:
     ids = {m.id for m in client.models.list()}
     assert "custom:fake-paced" in ids
