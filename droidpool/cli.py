@@ -266,11 +266,9 @@ class DroidSessionFiles:
 
 def droid_sessions_dir(config: Config) -> Path:
     """``<droid HOME>/.factory/sessions``: the workers' HOME (or FACTORY_HOME_OVERRIDE)."""
-    from .service import worker_env
+    from .service import droid_dir
 
-    env = worker_env(config)
-    home = env.get("FACTORY_HOME_OVERRIDE") or env.get("HOME") or str(Path.home())
-    return Path(home).expanduser() / ".factory" / "sessions"
+    return droid_dir(config) / "sessions"
 
 
 def scan_droid_sessions(sessions_dir: Path) -> list[DroidSessionFiles]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import anyio
 
 from .config import Config
-from .service import StartupError, launch_spec, resolve_binary, worker_env
+from .service import StartupError, droid_settings_path, launch_spec, resolve_binary, worker_env
 from .worker import SessionSettings, Worker
 
 TESTED_VERSION = "0.225.2"
@@ -62,8 +62,7 @@ async def run_checks(config: Config, report: Report) -> bool:
 
 def _check_credentials(config: Config, report: Report, fail: Callable[[str, str], None]) -> None:
     env = worker_env(config)
-    home = Path(env.get("FACTORY_HOME_OVERRIDE") or env.get("HOME") or "~").expanduser()
-    settings = home / ".factory" / "settings.json"
+    settings = droid_settings_path(config)
     custom: list[str] = []
     try:
         data = json.loads(settings.read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -473,10 +474,7 @@ class Pool:
     async def _start_spare(self, worker: Worker) -> None:
         settings = self.base_settings
         if worker.model_id is not None:
-            settings = SessionSettings(
-                worker.model_id, settings.system_prompt, settings.reasoning_effort,
-                settings.autonomy, settings.disabled_tool_ids,
-            )
+            settings = dataclasses.replace(settings, model_id=worker.model_id)
         try:
             await self._spawn(worker)
             await worker.initialize(settings, self.policy.spawn_timeout_s)

@@ -63,11 +63,16 @@ def worker_env(config: Config, environ: Mapping[str, str] | None = None) -> dict
     return env
 
 
-def droid_settings_path(config: Config) -> Path:
-    """droid's own settings file for the workers (BYOK custom models live there)."""
+def droid_dir(config: Config) -> Path:
+    """The workers' ``.factory`` directory: under FACTORY_HOME_OVERRIDE, else their HOME."""
     env = worker_env(config)
     home = Path(env.get("FACTORY_HOME_OVERRIDE") or env.get("HOME") or "~").expanduser()
-    return home / ".factory" / "settings.json"
+    return home / ".factory"
+
+
+def droid_settings_path(config: Config) -> Path:
+    """droid's own settings file for the workers (BYOK custom models live there)."""
+    return droid_dir(config) / "settings.json"
 
 
 def byok_names(config: Config) -> dict[str, str]:

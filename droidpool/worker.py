@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import itertools
 import os
@@ -239,10 +240,7 @@ class Worker:
         await self.call("droid.update_session_settings", {"modelId": model_id}, timeout)
         self.model_id = model_id
         if self.settings is not None:
-            self.settings = SessionSettings(
-                model_id, self.settings.system_prompt, self.settings.reasoning_effort,
-                self.settings.autonomy, self.settings.disabled_tool_ids,
-            )
+            self.settings = dataclasses.replace(self.settings, model_id=model_id)
 
     async def set_reasoning_effort(self, effort: str, timeout: float = REQUEST_TIMEOUT_S) -> None:
         await self.call("droid.update_session_settings", {"reasoningEffort": effort}, timeout)
