@@ -1,5 +1,5 @@
 """``python -m droidpool``: the command line."""
 
-from .cli import main
+from droidpool.cli import main
 
 main()

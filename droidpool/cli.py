@@ -14,9 +14,17 @@ import anyio
 import click
 import tomli_w
 
-from . import __version__, logs
-from .config import Config, ConfigError, field_docs, load
-from .store import SessionStore
+from droidpool import __version__
+from droidpool.config import Config, ConfigError, field_docs, load
+from droidpool.daemon import logs
+from droidpool.droid.sessions import (
+    droid_sessions_dir,
+    files_to_prune,
+    scan_droid_sessions,
+    within,
+    workdirs_to_prune,
+)
+from droidpool.store.sqlite import SessionStore
 
 DEFAULT_CONFIG_NAME = "droidpool.toml"
 T = TypeVar("T")
@@ -50,8 +58,8 @@ def main() -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="server.log_level")
 def serve(config_path: Path | None, host: str | None, port: int | None, log_level: str | None) -> None:
     """Serve /v1/chat/completions until SIGTERM or SIGINT."""
-    from .service import StartupError
-    from .service import serve as run
+    from droidpool.daemon.service import serve as run
+    from droidpool.droid.launch import StartupError
 
     overrides = {"server.host": host, "server.port": port, "server.log_level": log_level}
     config = _load(config_path, overrides)
@@ -139,8 +147,8 @@ def models(config_path: Path | None) -> None:
 
 
 async def _list_models(config: Config) -> list[dict[str, Any]]:
-    from .service import launch_spec
-    from .worker import Worker
+    from droidpool.droid.launch import launch_spec
+    from droidpool.droid.worker import Worker
 
     worker = Worker(launch_spec(config))
     async with anyio.create_task_group() as tg:
@@ -158,7 +166,7 @@ async def _list_models(config: Config) -> list[dict[str, Any]]:
 @config_option
 def doctor(config_path: Path | None) -> None:
     """Check droid, its version and credentials, the state directory, the port, and a worker."""
-    from .doctor import format_line, run_checks
+    from droidpool.daemon.doctor import format_line, run_checks
 
     config = _load(config_path, {})
     logs.configure("error")
@@ -170,7 +178,7 @@ def doctor(config_path: Path | None) -> None:
 @click.option("--key", prompt=True, hide_input=True, help="The API key (prompted for when omitted).")
 def hash_key_command(key: str) -> None:
     """Print the sha256 of an API key, for [auth] keys entries."""
-    from .auth import hash_key
+    from droidpool.core.access import hash_key
 
     click.echo(hash_key(key))
 
@@ -254,95 +262,6 @@ def sessions_drop(config_path: Path | None, session_ids: tuple[str, ...]) -> Non
         sys.exit(1)
 
 
-@dataclasses.dataclass(frozen=True)
-class DroidSessionFiles:
-    """One droid session on disk: ``<id>.jsonl`` and its ``.settings.json`` companions."""
-
-    session_id: str
-    paths: tuple[Path, ...]
-    cwd: str | None  # from the session_start line: the working directory droid ran in
-    mtime: float
-
-
-def droid_sessions_dir(config: Config) -> Path:
-    """``<droid HOME>/.factory/sessions``: the workers' HOME (or FACTORY_HOME_OVERRIDE)."""
-    from .service import droid_dir
-
-    return droid_dir(config) / "sessions"
-
-
-def scan_droid_sessions(sessions_dir: Path) -> list[DroidSessionFiles]:
-    """Every droid session under ``sessions_dir`` (one folder per working directory)."""
-    import json
-    import re
-
-    name = re.compile(r"^([0-9a-fA-F-]{8,64})\.(jsonl|settings\.json|settings\.json\.bak)$")
-    grouped: dict[tuple[Path, str], list[Path]] = {}
-    for folder in sorted(p for p in sessions_dir.glob("*") if p.is_dir()):
-        for path in folder.iterdir():
-            match = name.match(path.name)
-            if match and path.is_file():
-                grouped.setdefault((folder, match.group(1)), []).append(path)
-    found: list[DroidSessionFiles] = []
-    for (folder, session_id), paths in sorted(grouped.items()):
-        cwd = None
-        try:
-            with (folder / f"{session_id}.jsonl").open("rb") as f:
-                first = json.loads(f.readline(1 << 20) or b"{}")
-            cwd = first.get("cwd") if isinstance(first, dict) and isinstance(first.get("cwd"), str) else None
-        except (OSError, ValueError):
-            pass
-        mtime = max((p.stat().st_mtime for p in paths), default=0.0)
-        found.append(DroidSessionFiles(session_id, tuple(sorted(paths)), cwd, mtime))
-    return found
-
-
-def _within(cwd: str | None, roots: set[Path]) -> bool:
-    return cwd is not None and any(Path(cwd) == root or root in Path(cwd).parents for root in roots)
-
-
-def files_to_prune(
-    found: list[DroidSessionFiles], roots: set[Path], known: dict[str, bool], now: float, min_age_s: float
-) -> list[tuple[DroidSessionFiles, str]]:
-    """Which droid sessions droidpool's workers made and nobody can reach any more, and why.
-
-    Only sessions droid ran in (or under) droidpool's worker cwd are candidates: never a
-    user's own droid sessions. A session the store holds live is kept; an expired one goes;
-    an unknown one goes once untouched for ``min_age_s`` (a warm spare's session is unknown
-    to the store until its first turn).
-    """
-    out: list[tuple[DroidSessionFiles, str]] = []
-    for session in found:
-        if not _within(session.cwd, roots):
-            continue
-        live = known.get(session.session_id)
-        if live:
-            continue
-        if live is False:
-            out.append((session, "expired"))
-        elif now - session.mtime >= min_age_s:
-            out.append((session, "unknown"))
-    return out
-
-
-def workdirs_to_prune(
-    workdirs: list[tuple[Path, float]], found: list[DroidSessionFiles], doomed: set[str], now: float,
-    min_age_s: float,
-) -> list[Path]:
-    """Per-session working directories (``<worker cwd>/sessions/<name>``) that no kept droid
-    session works in: a pruned session's, or one no session file names (untouched ``min_age_s``)."""
-
-    def real(path: str | Path | None) -> Path | None:
-        return Path(path).resolve() if path is not None else None
-
-    kept = {real(s.cwd) for s in found if s.session_id not in doomed}
-    named = {real(s.cwd) for s in found}
-    return [
-        path for path, mtime in workdirs
-        if real(path) not in kept and (real(path) in named or now - mtime >= min_age_s)
-    ]
-
-
 @sessions.command("prune-files")
 @config_option
 @click.option("--apply", is_flag=True, help="Delete the files (default: only list them).")
@@ -387,7 +306,7 @@ def sessions_prune_files(config_path: Path | None, apply: bool, min_age_s: float
         if apply:
             shutil.rmtree(path, ignore_errors=True)
         click.echo(f"{verb}\t{path}\tworking directory")
-    kept = sum(1 for s in found if _within(s.cwd, roots)) - len(doomed)
+    kept = sum(1 for s in found if within(s.cwd, roots)) - len(doomed)
     click.echo(f"{len(doomed)} session(s), {freed} bytes and {len(dead_dirs)} working directories "
                f"{'deleted' if apply else 'to delete (dry run: --apply)'}; {kept} kept; in {sessions_dir}",
                err=True)

@@ -45,7 +45,7 @@ import aiohttp
 import orjson
 
 from droidpool.config import ALL_TOOL_IDS
-from droidpool.protocol import encode_request, encode_response
+from droidpool.droid.protocol import encode_request, encode_response
 from tests.conftest import (
     Daemon,
     FakeLLMProcess,

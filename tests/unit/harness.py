@@ -9,14 +9,14 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from droidpool.auth import Authenticator
+from droidpool.api.app import build_app
+from droidpool.api.metrics import Metrics
 from droidpool.config import load
-from droidpool.http import build_app
-from droidpool.metrics import Metrics
-from droidpool.pool import Pool
-from droidpool.service import build_chat, build_pool
-from droidpool.store import SessionStore
-from droidpool.worker import LaunchSpec, Worker
+from droidpool.core.access import Authenticator
+from droidpool.daemon.service import build_chat, build_pool
+from droidpool.droid.worker import LaunchSpec, Worker
+from droidpool.pool.pool import Pool
+from droidpool.store.sqlite import SessionStore
 from tests.conftest import FAKE_DROID
 
 MODEL = "custom:fake-model"

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from droidpool import errors
-from droidpool.auth import (
+from droidpool.config import ConfigError, load
+from droidpool.core.access import (
     ANONYMOUS,
     Authenticator,
     Principal,
@@ -15,7 +16,6 @@ from droidpool.auth import (
     hash_key,
     load_keys,
 )
-from droidpool.config import ConfigError, load
 
 
 def keys(tmp_path: Path, **environ: str) -> Authenticator:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from droidpool.conversation import ChatMessage, extend, seed, split, transcript_prompt, turn_text
+from droidpool.core.conversation import (
+    ChatMessage,
+    extend,
+    seed,
+    split,
+    transcript_prompt,
+    turn_text,
+)
 
 U, A, S = "user", "assistant", "system"
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from droidpool import procfs
+from droidpool.pool import procfs
 from tests.conftest import FAKE_DROID, Daemon, start_daemon
 
 MAX_BODY = 64 * 1024

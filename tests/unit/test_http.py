@@ -11,11 +11,11 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from droidpool.api.app import build_app
 from droidpool.config import load
-from droidpool.http import build_app
-from droidpool.service import build_chat, build_pool
-from droidpool.store import SessionStore
-from droidpool.worker import WorkerState
+from droidpool.daemon.service import build_chat, build_pool
+from droidpool.droid.worker import WorkerState
+from droidpool.store.sqlite import SessionStore
 from tests.conftest import FAKE_DROID
 from tests.unit.harness import MODEL, served
 

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from droidpool.systemd import Notifier
+from droidpool.daemon.systemd import Notifier
 from tests.conftest import FAKE_DROID, Daemon, start_daemon, wait_until, write_config
 
 

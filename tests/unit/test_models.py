@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 
 from droidpool import errors
-from droidpool.chat import ChatService
+from droidpool.api.openai_chat import ChatRequest
 from droidpool.config import load
-from droidpool.conversation import ChatMessage
-from droidpool.openai import ChatRequest
-from droidpool.service import byok_names
+from droidpool.core.conversation import ChatMessage
+from droidpool.core.turns import ChatService
+from droidpool.droid.launch import byok_names
 
 LISTED = [
     {"id": "custom:Paced-0", "displayName": "Paced", "isCustom": True, "supportedReasoningEfforts": ["none"]},

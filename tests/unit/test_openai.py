@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from droidpool import errors
-from droidpool.openai import Fold, parse_chat_request
-from droidpool.protocol import (
+from droidpool.api.openai_chat import Fold, parse_chat_request
+from droidpool.droid.protocol import (
     Notice,
     Retracted,
     TextDelta,

@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from droidpool.config import ModelSpec
-from droidpool.policy import (
+from droidpool.droid.worker import SessionSettings, WorkerState
+from droidpool.pool.policy import (
     MB,
     RECENTLY_USED_S,
     SPARE_MIN_LIFE_S,
@@ -17,7 +18,6 @@ from droidpool.policy import (
     reconcile,
     spare_targets,
 )
-from droidpool.worker import SessionSettings, WorkerState
 
 S = SessionSettings(model_id="m")
 R, I, B, ST, D = WorkerState.READY, WorkerState.IDLE, WorkerState.BUSY, WorkerState.STARTING, WorkerState.DEAD

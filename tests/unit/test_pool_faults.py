@@ -11,8 +11,8 @@ from typing import Any
 import anyio
 import pytest
 
-from droidpool import procfs
-from droidpool.worker import WorkerState
+from droidpool.droid.worker import WorkerState
+from droidpool.pool import procfs
 from tests.unit.harness import served
 from tests.unit.test_http import chat
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from droidpool.protocol import (
+from droidpool.droid.protocol import (
     Notice,
     Notification,
     ProtocolError,

@@ -13,10 +13,10 @@ import anyio
 import pytest
 from aiohttp.test_utils import TestClient
 
-from droidpool.auth import Authenticator, Principal, hash_key
 from droidpool.config import ALL_TOOL_IDS, load
-from droidpool.pool import Pool
-from droidpool.service import launch_spec
+from droidpool.core.access import Authenticator, Principal, hash_key
+from droidpool.droid.launch import launch_spec
+from droidpool.pool.pool import Pool
 from tests.conftest import FAKE_DROID, start_daemon
 from tests.unit.harness import served
 
@@ -192,7 +192,7 @@ def test_prompts_and_secrets_never_reach_argv_or_logs(tmp_path: Path) -> None:
 
 
 def test_the_worker_environment_carries_the_factory_key_but_never_droidpools_settings(tmp_path: Path) -> None:
-    from droidpool.service import worker_env
+    from droidpool.droid.launch import worker_env
 
     config = load(None, environ={}, overrides={"droid.binary": str(FAKE_DROID), "server.state_dir": str(tmp_path)})
     env = worker_env(config, {"FACTORY_API_KEY": "fk", "DROIDPOOL_API_KEY": "dp", "PATH": os.environ["PATH"]})

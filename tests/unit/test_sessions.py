@@ -15,9 +15,9 @@ import anyio
 import pytest
 from aiohttp.test_utils import TestClient
 
-from droidpool.pool import Pool
-from droidpool.store import SessionStore
-from droidpool.worker import Worker, WorkerState
+from droidpool.droid.worker import Worker, WorkerState
+from droidpool.pool.pool import Pool
+from droidpool.store.sqlite import SessionStore
 from tests.unit import harness
 
 pytestmark = pytest.mark.anyio
@@ -415,9 +415,9 @@ async def test_the_session_list_pages(tmp_path: Path) -> None:
 
 
 async def test_a_failed_turns_usage_is_counted_without_moving_the_head(tmp_path: Path) -> None:
-    from droidpool.chat import ChatService, Outcome, Turn
-    from droidpool.protocol import TurnCompleted, Usage
-    from droidpool.worker import SessionSettings
+    from droidpool.core.turns import ChatService, Outcome, Turn
+    from droidpool.droid.protocol import TurnCompleted, Usage
+    from droidpool.droid.worker import SessionSettings
 
     class Events:
         """A turn that droid ended unsuccessfully, after spending tokens."""

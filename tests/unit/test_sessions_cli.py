@@ -11,8 +11,8 @@ import anyio
 from click.testing import CliRunner
 
 from droidpool.cli import main
-from droidpool.protocol import Usage
-from droidpool.store import SessionStore
+from droidpool.droid.protocol import Usage
+from droidpool.store.sqlite import SessionStore
 
 TTL = 3600.0
 

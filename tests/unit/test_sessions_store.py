@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from droidpool.protocol import Usage
-from droidpool.store import MIGRATIONS, SessionStore, UnknownCursor
+from droidpool.droid.protocol import Usage
+from droidpool.store.sqlite import MIGRATIONS, SessionStore, UnknownCursor
 
 pytestmark = pytest.mark.anyio
 

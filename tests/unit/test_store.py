@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from droidpool.protocol import Usage
-from droidpool.store import MIGRATIONS, SessionStore
+from droidpool.droid.protocol import Usage
+from droidpool.store.sqlite import MIGRATIONS, SessionStore
 
 pytestmark = pytest.mark.anyio
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from droidpool.auth import hash_key, load_keys
 from droidpool.config import Config, load
-from droidpool.service import worker_env
+from droidpool.core.access import hash_key, load_keys
+from droidpool.droid.launch import worker_env
 
 UNIT = Path(__file__).parents[2] / "systemd" / "droidpool.service"
 

@@ -14,9 +14,9 @@ import anyio
 import pytest
 
 from droidpool import errors
-from droidpool.protocol import TextDelta, TurnCompleted
-from droidpool.service import DROID_ARGS
-from droidpool.worker import LaunchSpec, SessionSettings, Worker, WorkerState
+from droidpool.droid.launch import DROID_ARGS
+from droidpool.droid.protocol import TextDelta, TurnCompleted
+from droidpool.droid.worker import LaunchSpec, SessionSettings, Worker, WorkerState
 from tests.conftest import FAKE_DROID
 
 pytestmark = pytest.mark.anyio

@@ -13,10 +13,18 @@ import anyio
 import anyio.abc
 import structlog
 
-from . import errors, procfs
+from droidpool import errors
+from droidpool.droid.worker import (
+    DroidRequestError,
+    LaunchSpec,
+    SessionSettings,
+    Worker,
+    WorkerState,
+)
+
+from . import procfs
 from .policy import Assignment, Plan, PoolPolicy, WorkerView, assign, reconcile
 from .policy import Want as Want  # re-exported: callers lease with pool.Want
-from .worker import DroidRequestError, LaunchSpec, SessionSettings, Worker, WorkerState
 
 log = structlog.get_logger(__name__)
 

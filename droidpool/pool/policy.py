@@ -6,8 +6,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .config import ModelSpec, PoolConfig
-from .worker import SessionSettings, WorkerState
+from droidpool.config import ModelSpec, PoolConfig
+from droidpool.droid.worker import SessionSettings, WorkerState
 
 MB = 1024 * 1024
 # What a new worker is assumed to need before it has been measured (droid idles at ~180 MB).

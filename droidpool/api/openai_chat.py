@@ -7,10 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import errors
-from .config import REASONING_EFFORTS
-from .conversation import ChatMessage
-from .protocol import (
+from droidpool import errors
+from droidpool.config import REASONING_EFFORTS
+from droidpool.core.conversation import ChatMessage
+from droidpool.droid.protocol import (
     Notice,
     Retracted,
     Retrying,

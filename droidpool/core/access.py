@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import errors
-from .config import AUTONOMY_LEVELS, ApiKey, Config, ConfigError, _coerce
+from droidpool import errors
+from droidpool.config import AUTONOMY_LEVELS, ApiKey, Config, ConfigError, _coerce
 
 ENV_KEY = "DROIDPOOL_API_KEY"
 

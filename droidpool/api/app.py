@@ -13,15 +13,17 @@ import orjson
 import structlog
 from aiohttp import web
 
-from . import conversation, errors
-from .auth import ANONYMOUS, Authenticator, Principal, effective_autonomy
-from .chat import Access, ChatService, Turn
-from .config import ALL_TOOL_IDS
+from droidpool import errors
+from droidpool.config import ALL_TOOL_IDS
+from droidpool.core import conversation
+from droidpool.core.access import ANONYMOUS, Authenticator, Principal, effective_autonomy
+from droidpool.core.turns import Access, ChatService, Turn
+from droidpool.pool.pool import Pool
+from droidpool.store.sqlite import MAX_LIST_LIMIT, SessionStore, UnknownCursor
+
 from .metrics import CONTENT_TYPE, Metrics
-from .openai import ChatRequest, Fold, parse_chat_request
-from .pool import Pool
+from .openai_chat import ChatRequest, Fold, parse_chat_request
 from .sse import SSE_HEADERS, SSEWriter
-from .store import MAX_LIST_LIMIT, SessionStore, UnknownCursor
 
 log = structlog.get_logger(__name__)
 

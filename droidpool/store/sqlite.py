@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 
-from .protocol import Usage
+from droidpool.droid.protocol import Usage
 
 T = TypeVar("T")
 

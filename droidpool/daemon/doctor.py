@@ -12,9 +12,15 @@ from pathlib import Path
 
 import anyio
 
-from .config import Config
-from .service import StartupError, droid_settings_path, launch_spec, resolve_binary, worker_env
-from .worker import SessionSettings, Worker
+from droidpool.config import Config
+from droidpool.droid.launch import (
+    StartupError,
+    droid_settings_path,
+    launch_spec,
+    resolve_binary,
+    worker_env,
+)
+from droidpool.droid.worker import SessionSettings, Worker
 
 TESTED_VERSION = "0.225.2"
 

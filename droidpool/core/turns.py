@@ -12,13 +12,15 @@ from typing import Any
 import anyio
 import structlog
 
-from . import conversation, errors
+from droidpool import errors
+from droidpool.api.openai_chat import ChatRequest
+from droidpool.droid.protocol import TextDelta, ThinkingDelta, TurnCompleted, TurnEvent, Usage
+from droidpool.droid.worker import DroidRequestError, SessionSettings, TurnStream, Worker
+from droidpool.pool.pool import Pool, Want
+from droidpool.store.sqlite import SessionRecord, SessionStore
+
+from . import conversation
 from .conversation import ChatMessage
-from .openai import ChatRequest
-from .pool import Pool, Want
-from .protocol import TextDelta, ThinkingDelta, TurnCompleted, TurnEvent, Usage
-from .store import SessionRecord, SessionStore
-from .worker import DroidRequestError, SessionSettings, TurnStream, Worker
 
 log = structlog.get_logger(__name__)
 

@@ -21,7 +21,8 @@ import anyio
 import anyio.abc
 import structlog
 
-from . import errors
+from droidpool import errors
+
 from .protocol import (
     Message,
     ProtocolError,

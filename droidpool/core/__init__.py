@@ -1,0 +1,1 @@
+"""The dialect-neutral core: turn requests and outputs, conversations, turns, models, access."""

@@ -1,0 +1,1 @@
+"""The daemon: start-up, signals, systemd, logging, and the doctor."""

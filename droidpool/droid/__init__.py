@@ -1,0 +1,1 @@
+"""droid itself: its JSON-RPC protocol, one worker process, how it is launched, its files."""

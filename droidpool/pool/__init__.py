@@ -1,0 +1,1 @@
+"""The worker pool: leasing, supervision, and its decisions as pure functions."""

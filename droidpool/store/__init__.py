@@ -1,0 +1,1 @@
+"""The durable session store."""
