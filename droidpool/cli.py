@@ -24,7 +24,7 @@ from droidpool.droid.sessions import (
     within,
     workdirs_to_prune,
 )
-from droidpool.store.sqlite import SessionStore
+from droidpool.store import SqliteStore
 
 DEFAULT_CONFIG_NAME = "droidpool.toml"
 T = TypeVar("T")
@@ -191,10 +191,10 @@ def sessions() -> None:
     """Inspect and clean up the session store and droid's session files."""
 
 
-async def _with_store(config: Config, action: Callable[[SessionStore], Awaitable[T]]) -> T:
+async def _with_store(config: Config, action: Callable[[SqliteStore], Awaitable[T]]) -> T:
     if not config.store_path.is_file():
         raise click.ClickException(f"no session store at {config.store_path}")
-    store = SessionStore(config.store_path, config.store.session_ttl_s)
+    store = SqliteStore(config.store_path, config.store.session_ttl_s)
     await store.open()
     try:
         return await action(store)
@@ -252,7 +252,7 @@ def sessions_drop(config_path: Path | None, session_ids: tuple[str, ...]) -> Non
     """Forget sessions: no request reaches them again (droid's files stay; see prune-files)."""
     config = _load(config_path, {})
 
-    async def drop(store: SessionStore) -> list[bool]:
+    async def drop(store: SqliteStore) -> list[bool]:
         return [await store.delete(session_id) for session_id in session_ids]
 
     results = anyio.run(_with_store, config, drop)

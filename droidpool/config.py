@@ -178,6 +178,16 @@ class PoolConfig:
 
 
 @dataclass(frozen=True)
+class ModelsConfig:
+    aliases: Mapping[str, str] = field(
+        default_factory=dict,
+        metadata={"doc": "Client model names, exact or glob, mapped to droid models before resolution and "
+                         "key policy: {\"claude-opus-*\" = \"custom:my-model\"}; exact names first, then globs "
+                         "in order."},
+    )
+
+
+@dataclass(frozen=True)
 class DeadlineConfig:
     first_token_s: float = field(
         default=120.0, metadata={"doc": "Deadline for the first token of a turn."}
@@ -231,6 +241,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     droid: DroidConfig = field(default_factory=DroidConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
     deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)

@@ -1,15 +1,36 @@
-"""The error hierarchy: every failure a client can see, with its HTTP status and OpenAI fields."""
+"""Every failure a client can see, dialect-neutral: status, kind, code, param and retry-after.
+
+Each wire dialect turns these into its own envelope in one place (``api/<dialect>.py``).
+"""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar, Literal
+
+ErrorKind = Literal[
+    "invalid_request",
+    "authentication",
+    "permission",
+    "not_found",
+    "method_not_allowed",
+    "request_timeout",
+    "conflict",
+    "misdirected",
+    "too_large",
+    "unsupported_media_type",
+    "rate_limit",
+    "upstream",
+    "unavailable",
+    "timeout",
+    "internal",
+]
 
 
 class DroidpoolError(Exception):
-    """Base of every client-visible error; formatted in one place as the OpenAI envelope."""
+    """Base of every client-visible error."""
 
     status: ClassVar[int] = 500
-    type: ClassVar[str] = "server_error"
+    kind: ClassVar[ErrorKind] = "internal"
     code: ClassVar[str | None] = None
 
     def __init__(
@@ -25,31 +46,26 @@ class DroidpoolError(Exception):
         self.param = param
         self.instance_code = code
         self.retry_after = retry_after
+        self.context_headers: dict[str, str] = {}  # e.g. the session a failed turn ran on
 
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.instance_code or self.code,
-            }
-        }
+    @property
+    def error_code(self) -> str | None:
+        return self.instance_code or self.code
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, round(self.retry_after)))}
+            return dict(self.context_headers)
+        return {**self.context_headers, "Retry-After": str(max(1, round(self.retry_after)))}
 
 
 class InvalidRequest(DroidpoolError):
     status = 400
-    type = "invalid_request_error"
+    kind = "invalid_request"
 
 
 class Unauthorized(DroidpoolError):
     status = 401
-    type = "authentication_error"
+    kind = "authentication"
     code = "invalid_api_key"
 
 
@@ -57,13 +73,13 @@ class Forbidden(DroidpoolError):
     """Authenticated, but this key may not do that."""
 
     status = 403
-    type = "permission_error"
+    kind = "permission"
     code = "forbidden"
 
 
 class NotFound(DroidpoolError):
     status = 404
-    type = "invalid_request_error"
+    kind = "not_found"
     code = "not_found"
 
 
@@ -75,9 +91,25 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class ResponseNotFound(NotFound):
+    code = "response_not_found"
+
+
+class MethodNotAllowed(DroidpoolError):
+    status = 405
+    kind = "method_not_allowed"
+    code = "method_not_allowed"
+
+
+class RequestTimeout(DroidpoolError):
+    status = 408
+    kind = "request_timeout"
+    code = "request_timeout"
+
+
 class Conflict(DroidpoolError):
     status = 409
-    type = "invalid_request_error"
+    kind = "conflict"
     code = "conflict"
 
 
@@ -87,27 +119,15 @@ class ConversationConflict(Conflict):
     code = "conversation_conflict"
 
 
-class MethodNotAllowed(DroidpoolError):
-    status = 405
-    type = "invalid_request_error"
-    code = "method_not_allowed"
-
-
-class RequestTimeout(DroidpoolError):
-    status = 408
-    type = "invalid_request_error"
-    code = "request_timeout"
-
-
 class PayloadTooLarge(DroidpoolError):
     status = 413
-    type = "invalid_request_error"
+    kind = "too_large"
     code = "request_too_large"
 
 
 class UnsupportedMediaType(DroidpoolError):
     status = 415
-    type = "invalid_request_error"
+    kind = "unsupported_media_type"
     code = "unsupported_media_type"
 
 
@@ -115,7 +135,7 @@ class Overloaded(DroidpoolError):
     """The wait queue is full or the wait for a worker ran out."""
 
     status = 429
-    type = "rate_limit_error"
+    kind = "rate_limit"
     code = "pool_exhausted"
 
 
@@ -123,7 +143,7 @@ class UpstreamError(DroidpoolError):
     """droid reported a failed turn (model auth, provider down, ...)."""
 
     status = 502
-    type = "upstream_error"
+    kind = "upstream"
     code = "droid_turn_failed"
 
 
@@ -133,17 +153,17 @@ class WorkerCrashed(UpstreamError):
 
 class Unavailable(DroidpoolError):
     status = 503
-    type = "server_error"
+    kind = "unavailable"
     code = "unavailable"
 
 
 class DeadlineExceeded(DroidpoolError):
     status = 504
-    type = "timeout_error"
+    kind = "timeout"
     code = "deadline_exceeded"
 
 
 class InternalError(DroidpoolError):
     status = 500
-    type = "server_error"
+    kind = "internal"
     code = "internal_error"

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from droidpool.droid.protocol import Usage
 from droidpool.pool.pool import Pool
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -50,23 +51,29 @@ class Metrics:
 
     def __init__(self, pool: Pool) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("droidpool_requests", "chat completion requests by outcome",
+        self.requests = Counter("droidpool_requests", "turn requests by outcome",
                                 ["status", "stream"], registry=self.registry)
+        self.dialects = Counter("droidpool_dialect_requests", "turn requests by wire dialect",
+                                ["dialect"], registry=self.registry)
         self.ttft = Histogram("droidpool_time_to_first_token_seconds", "request start to first token",
                               buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.duration = Histogram("droidpool_request_duration_seconds", "whole chat completion requests",
+        self.duration = Histogram("droidpool_request_duration_seconds", "whole turn requests",
                                   buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tokens = Counter("droidpool_tokens", "tokens droid reported", ["kind"], registry=self.registry)
         self.registry.register(PoolCollector(pool))
 
     def observe(self, *, status: int, stream: bool, duration_s: float, ttft_s: float | None,
-                input_tokens: int, output_tokens: int, cache_read_tokens: int, thinking_tokens: int) -> None:
+                usage: Usage | None, dialect: str) -> None:
         self.requests.labels(str(status), str(stream).lower()).inc()
+        self.dialects.labels(dialect).inc()
         self.duration.observe(duration_s)
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
-        for kind, count in (("input", input_tokens), ("output", output_tokens),
-                            ("cache_read", cache_read_tokens), ("thinking", thinking_tokens)):
+        if usage is None:
+            return
+        for kind, count in (("input", usage.input_tokens), ("output", usage.output_tokens),
+                            ("cache_read", usage.cache_read_tokens), ("cache_creation", usage.cache_creation_tokens),
+                            ("thinking", usage.thinking_tokens)):
             if count:
                 self.tokens.labels(kind).inc(count)
 

@@ -1,25 +1,39 @@
-"""OpenAI chat-completions wire format: request validation and the fold of droid events into chunks."""
+"""OpenAI Chat Completions: request parsing, chunks and completions, the OpenAI error envelope."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from droidpool import errors
-from droidpool.config import REASONING_EFFORTS
-from droidpool.core.conversation import ChatMessage
-from droidpool.droid.protocol import (
-    Notice,
-    Retracted,
-    Retrying,
-    TextDelta,
-    ThinkingDelta,
-    TurnCompleted,
-    TurnError,
-    TurnEvent,
-    Usage,
+from droidpool.core.model import (
+    Message,
+    Output,
+    Part,
+    ReasoningOut,
+    Role,
+    Text,
+    TextOut,
+    ToolCall,
+    ToolResult,
+    TurnRequest,
+    TurnResult,
+)
+from droidpool.core.turns import Turn
+from droidpool.droid.protocol import Usage
+
+from . import openai_wire
+from .dialect import (
+    COMMENT,
+    OWN_PARAMS,
+    Dialect,
+    Event,
+    Parsed,
+    check_effort,
+    conversation_key,
+    header_effort,
+    optional,
+    session_id,
 )
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -34,42 +48,30 @@ IGNORED_PARAMS = frozenset({
 })
 # Refused: ignoring them would change what the client gets back.
 KNOWN_PARAMS = frozenset({
-    "model", "messages", "stream", "stream_options", "reasoning_effort", "session_id", "n",
+    "model", "messages", "stream", "stream_options", "reasoning_effort", "n",
     "logprobs", "top_logprobs", "response_format", "tool_choice", "function_call", "audio",
     "web_search_options",
-}) | IGNORED_PARAMS
+}) | IGNORED_PARAMS | OWN_PARAMS
 
 
-@dataclass(frozen=True)
-class ChatRequest:
-    model: str
-    messages: tuple[ChatMessage, ...]
-    stream: bool = False
-    include_usage: bool = False
-    reasoning_effort: str | None = None
-    session_id: str | None = None
-    ignored: tuple[str, ...] = ()
-
-
-def parse_chat_request(body: Any, header_session_id: str | None = None) -> ChatRequest:
+def parse(body: Any, headers: Mapping[str, str]) -> Parsed:
     """Validate a chat-completions body; every problem is an InvalidRequest naming its param."""
     if not isinstance(body, Mapping):
         raise errors.InvalidRequest("The request body must be a JSON object.")
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise errors.InvalidRequest("'model' is required and must be a non-empty string.", param="model")
-    messages = _parse_messages(body.get("messages"))
-    stream = _optional(body, "stream", bool, False)
-    options = _optional(body, "stream_options", Mapping, None)
+    system, messages = _parse_messages(body.get("messages"))
+    stream = optional(body, "stream", bool, False)
+    options = optional(body, "stream_options", Mapping, None)
     include_usage = False
     if options is not None:
-        include_usage = _optional(options, "include_usage", bool, False, "stream_options.include_usage")
-    effort = _optional(body, "reasoning_effort", str, None)
-    if effort is not None and effort not in REASONING_EFFORTS:
-        raise errors.InvalidRequest(
-            f"'reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)}.", param="reasoning_effort"
-        )
-    session_id = _optional(body, "session_id", str, None) or header_session_id
+        include_usage = optional(options, "include_usage", bool, False, "stream_options.include_usage")
+    effort = optional(body, "reasoning_effort", str, None)
+    if effort is not None:
+        check_effort(effort, "reasoning_effort")
+    else:
+        effort = header_effort(headers)
     n = body.get("n")
     if n not in (None, 1):
         raise errors.InvalidRequest("Only n=1 is supported: droid produces one answer per turn.", param="n")
@@ -91,22 +93,21 @@ def parse_chat_request(body: Any, header_session_id: str | None = None) -> ChatR
         if body.get(name) is not None:
             raise errors.InvalidRequest(f"'{name}' is not supported.", param=name)
     ignored = tuple(sorted(k for k in body if k in IGNORED_PARAMS or k not in KNOWN_PARAMS))
-    return ChatRequest(model.strip(), messages, stream, include_usage, effort, session_id, ignored)
+    request = TurnRequest(
+        model=model.strip(), messages=messages, system=system, stream=stream, reasoning_effort=effort,
+        session_id=session_id(body, headers), conversation_key=conversation_key(body, headers),
+        dialect="openai", ignored=ignored,
+    )
+    return Parsed(request, {"include_usage": include_usage})
 
 
-def _optional(body: Mapping[str, Any], key: str, kind: type, default: Any, param: str | None = None) -> Any:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise errors.InvalidRequest(f"'{param or key}' has the wrong type.", param=param or key)
-    return value
-
-
-def _parse_messages(raw: Any) -> tuple[ChatMessage, ...]:
+def _parse_messages(raw: Any) -> tuple[str, tuple[Message, ...]]:
+    """The system prompt (system and developer messages) and the other messages."""
     if not isinstance(raw, list) or not raw:
         raise errors.InvalidRequest("'messages' must be a non-empty array.", param="messages")
-    out: list[ChatMessage] = []
+    system: list[str] = []
+    out: list[Message] = []
+    last_role = ""
     for index, message in enumerate(raw):
         param = f"messages[{index}]"
         if not isinstance(message, Mapping):
@@ -116,14 +117,41 @@ def _parse_messages(raw: Any) -> tuple[ChatMessage, ...]:
             raise errors.InvalidRequest(
                 f"'{param}.role' must be one of {', '.join(ROLES)}.", param=f"{param}.role"
             )
+        last_role = role
         text = _content_text(message.get("content"), f"{param}.content", role)
-        out.append(ChatMessage("system" if role == "developer" else role, text))
-    if out[-1].role != "user":
+        if role in ("system", "developer"):
+            system.append(text)
+            continue
+        parts: list[Part] = [Text(text)]
+        if role == "assistant":
+            parts += _tool_calls(message.get("tool_calls"), f"{param}.tool_calls")
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            parts = [ToolResult(call_id if isinstance(call_id, str) else "", text)]
+        neutral_role: Role = role
+        out.append(Message(neutral_role, tuple(parts)))
+    if last_role != "user":
         raise errors.InvalidRequest(
             "The last message must be from the user: droid answers a user turn.",
-            param=f"messages[{len(out) - 1}].role",
+            param=f"messages[{len(raw) - 1}].role",
         )
-    return tuple(out)
+    return "\n\n".join(system), tuple(out)
+
+
+def _tool_calls(raw: Any, param: str) -> list[Part]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise errors.InvalidRequest(f"'{param}' must be an array.", param=param)
+    calls: list[Part] = []
+    for index, call in enumerate(raw):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise errors.InvalidRequest(f"'{param}[{index}]' must be a function tool call.", param=param)
+        arguments = function.get("arguments")
+        calls.append(ToolCall(str(call.get("id") or ""), function["name"],
+                              arguments if isinstance(arguments, str) else "{}"))
+    return calls
 
 
 def _content_text(content: Any, param: str, role: str) -> str:
@@ -151,120 +179,31 @@ def _content_text(content: Any, param: str, role: str) -> str:
     raise errors.InvalidRequest(f"'{param}' must be a string or an array of content parts.", param=param)
 
 
-# --- droid events → OpenAI chunks -----------------------------------------------------------
-
-# agent_turn_completed reasons for failed turns → the error a client sees.
-_FAILURES: dict[str, type[errors.DroidpoolError]] = {
-    "model_rate_limited": errors.Overloaded,
-    "model_provider_unreachable": errors.UpstreamError,
-    "model_provider_unavailable": errors.UpstreamError,
-    "model_authentication_failed": errors.UpstreamError,
-}
+# --- outputs → chunks -----------------------------------------------------------------------------
 
 
 def usage_body(usage: Usage) -> dict[str, Any]:
     return {
-        "prompt_tokens": usage.input_tokens + usage.cache_read_tokens + usage.cache_creation_tokens,
+        "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.output_tokens,
-        "total_tokens": usage.input_tokens + usage.cache_read_tokens + usage.cache_creation_tokens
-        + usage.output_tokens,
+        "total_tokens": usage.prompt_tokens + usage.output_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cache_read_tokens},
         "completion_tokens_details": {"reasoning_tokens": usage.thinking_tokens},
     }
 
 
-@dataclass
-class _MessageText:
-    text: str = ""  # droid's current text for the message; a retraction empties it
-    sent: str = ""  # what a streaming client has been given for it
-    replay: int | None = None  # after a retraction: how much of ``sent`` the retry has re-sent
+class ChatEncoder:
+    """Chat-completion chunks (``data:`` lines ending with ``[DONE]``) or one completion."""
 
-
-@dataclass
-class Fold:
-    """One turn's droid events folded into OpenAI deltas and, at the end, a result.
-
-    Both the streaming and the non-streaming responses are built from this fold. Retracted
-    text that droid re-streams on a retry is matched against what was already sent, so a
-    streaming client never receives it twice; the final text (non-streaming) is droid's text
-    after its last retraction. A retry that says something else than the retracted text
-    cannot be unsent from a stream: the stream then carries both.
-    """
-
-    completion_id: str
-    model: str
-    created: int = field(default_factory=lambda: int(time.time()))
-    reasoning: list[str] = field(default_factory=list)
-    usage: Usage = field(default_factory=Usage)
-    completed: TurnCompleted | None = None
-    problems: list[str] = field(default_factory=list)
-    _messages: dict[str, _MessageText] = field(default_factory=dict)
-    _last_message: str | None = None
-
-    def feed(self, event: TurnEvent) -> list[dict[str, Any]]:
-        """Deltas to send for ``event`` (each a ``choices[0].delta`` object)."""
-        if isinstance(event, TextDelta):
-            text = self._fresh_text(event.message_id, event.text)
-            return [{"content": text}] if text else []
-        if isinstance(event, ThinkingDelta):
-            if not event.text:
-                return []
-            self.reasoning.append(event.text)
-            return [{"reasoning_content": event.text}]
-        if isinstance(event, Retracted):
-            state = self._messages.get(event.message_id)
-            if state is not None:
-                state.text = ""
-                state.replay = 0
-            return []
-        if isinstance(event, TurnError | Notice):
-            text = event.message if isinstance(event, TurnError) else event.text
-            if text and text not in self.problems:
-                self.problems.append(text)
-            return []
-        if isinstance(event, TurnCompleted):
-            self.completed = event
-            self.usage = event.usage
-            return []
-        assert isinstance(event, Retrying)
-        return []
-
-    def _fresh_text(self, message_id: str, text: str) -> str:
-        state = self._messages.setdefault(message_id, _MessageText())
-        state.text += text
-        separator = ""
-        if self._last_message is not None and self._last_message != message_id and not state.sent:
-            separator = "\n\n"
-        self._last_message = message_id
-        if state.replay is not None:
-            already = state.sent[state.replay :]
-            common = 0
-            while common < min(len(already), len(text)) and already[common] == text[common]:
-                common += 1
-            state.replay += common
-            if common == len(text):
-                return ""
-            # The retry diverges from, or runs past, what was sent: send only what is new.
-            state.replay = None
-            text = text[common:]
-        state.sent += text
-        return separator + text
-
-    @property
-    def text(self) -> str:
-        return "\n\n".join(m.text for m in self._messages.values() if m.text)
-
-    def failure(self) -> errors.DroidpoolError | None:
-        """The error to report if the turn failed (None when it completed)."""
-        reason = self.completed.reason if self.completed else "incomplete"
-        if reason == "completed":
-            return None
-        detail = "; ".join(self.problems) or f"droid ended the turn: {reason}"
-        return _FAILURES.get(reason, errors.UpstreamError)(detail, code=f"droid_{reason}")
+    def __init__(self, turn: Turn, parsed: Parsed) -> None:
+        self.id = f"chatcmpl-{turn.turn_id}"
+        self.model = turn.request.model
+        self.created = turn.created
+        self.include_usage = bool(parsed.options.get("include_usage"))
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         return {
-            "id": self.completion_id,
+            "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
@@ -272,27 +211,44 @@ class Fold:
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
         }
 
-    def usage_chunk(self) -> dict[str, Any]:
-        return {
-            "id": self.completion_id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": None,
-            "choices": [],
-            "usage": usage_body(self.usage),
-        }
+    def start(self) -> list[Event]:
+        return [Event(self.chunk({"role": "assistant", "content": ""}))]
 
-    def completion(self) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": self.text, "refusal": None}
-        if self.reasoning:
-            message["reasoning_content"] = "".join(self.reasoning)
+    def feed(self, output: Output) -> list[Event]:
+        if isinstance(output, TextOut):
+            return [Event(self.chunk({"content": output.text}))]
+        assert isinstance(output, ReasoningOut)
+        return [Event(self.chunk({"reasoning_content": output.text}))]
+
+    def keepalive(self) -> list[Event]:
+        return [COMMENT]
+
+    def finish(self, result: TurnResult) -> list[Event]:
+        events = [Event(self.chunk({}, finish_reason="stop"))]
+        if self.include_usage:
+            events.append(Event({
+                "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": [], "usage": usage_body(result.usage),
+            }))
+        return [*events, Event("[DONE]")]
+
+    def failed(self, error: errors.DroidpoolError) -> list[Event]:
+        # The 200 is already sent: the error goes in-band, then the stream ends normally.
+        return [Event(openai_wire.error_body(error)[1]), Event("[DONE]")]
+
+    def body(self, result: TurnResult) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": result.text, "refusal": None}
+        if result.reasoning:
+            message["reasoning_content"] = result.reasoning
         return {
-            "id": self.completion_id,
+            "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
             "system_fingerprint": None,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
-            "usage": usage_body(self.usage),
+            "usage": usage_body(result.usage),
         }
+
+
+DIALECT = Dialect("openai", parse, ChatEncoder, openai_wire.error_body)

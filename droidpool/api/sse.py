@@ -1,11 +1,13 @@
-"""Server-Sent Events on an aiohttp response: data lines, keep-alive comments, the [DONE] end."""
+"""Server-Sent Events on an aiohttp response: named or unnamed events, comments, one write each."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
 
 import orjson
 from aiohttp import web
+
+from .dialect import Event
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -14,18 +16,22 @@ SSE_HEADERS = {
 }
 
 
+def encode(event: Event) -> bytes:
+    if isinstance(event.data, str):
+        if event.data.startswith(":"):
+            return event.data.encode() + b"\n\n"
+        payload = event.data.encode()
+    else:
+        payload = orjson.dumps(event.data)
+    head = f"event: {event.name}\n".encode() if event.name else b""
+    return head + b"data: " + payload + b"\n\n"
+
+
 class SSEWriter:
     def __init__(self, response: web.StreamResponse) -> None:
         self.response = response
-        self.sent_done = False
 
-    async def send(self, payload: dict[str, Any]) -> None:
-        await self.response.write(b"data: " + orjson.dumps(payload) + b"\n\n")
-
-    async def keepalive(self) -> None:
-        await self.response.write(b": keep-alive\n\n")
-
-    async def done(self) -> None:
-        if not self.sent_done:
-            self.sent_done = True
-            await self.response.write(b"data: [DONE]\n\n")
+    async def send(self, events: Iterable[Event]) -> None:
+        data = b"".join(encode(e) for e in events)
+        if data:
+            await self.response.write(data)

@@ -1,4 +1,4 @@
-"""API keys: bearer authentication in constant time, and each key's policy and concurrency."""
+"""Who is asking and what they may do: API keys in constant time, per-key policy, session access."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from droidpool import errors
-from droidpool.config import AUTONOMY_LEVELS, ApiKey, Config, ConfigError, _coerce
+from droidpool.config import ALL_TOOL_IDS, AUTONOMY_LEVELS, ApiKey, Config, ConfigError, _coerce
 
 ENV_KEY = "DROIDPOOL_API_KEY"
 
@@ -143,5 +142,23 @@ def effective_autonomy(principal: Principal, requested: str | None, default: str
     return wish
 
 
-def describe(principal: Principal) -> dict[str, Any]:
-    return {"name": principal.name, "models": list(principal.models), "autonomy": principal.autonomy}
+@dataclass(frozen=True)
+class Access:
+    """What a request may reach (only its owner's sessions) and the droid settings its new
+    sessions get; the defaults are the unauthenticated operator's."""
+
+    owner: str = ""
+    autonomy: str | None = None  # None: droid.autonomy from the config
+    disabled_tool_ids: tuple[str, ...] | None = None  # None: from droid.enabled_tools
+
+
+PUBLIC = Access()
+
+
+def access_for(principal: Principal, requested_autonomy: str | None, default_autonomy: str) -> Access:
+    """The session scope and settings a request's key gives it."""
+    autonomy = effective_autonomy(principal, requested_autonomy, default_autonomy)
+    if principal is ANONYMOUS:
+        return Access(owner="", autonomy=autonomy)
+    disabled = tuple(t for t in ALL_TOOL_IDS if t not in principal.tools)
+    return Access(owner=principal.name, autonomy=autonomy, disabled_tool_ids=disabled)

@@ -7,13 +7,11 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import orjson
+
+from .model import Message, Part, Text, ToolCall, ToolResult
+
 _SPACE = re.compile(r"\s+")
-
-
-@dataclass(frozen=True, slots=True)
-class ChatMessage:
-    role: str  # system | user | assistant | tool (developer is folded into system)
-    text: str
 
 
 def normalize(text: str) -> str:
@@ -26,38 +24,88 @@ def seed(system: str, namespace: str = "") -> str:
     return hashlib.sha256(f"droidpool/1\0{namespace}\0{normalize(system)}".encode()).hexdigest()
 
 
-def extend(digest: str, messages: Iterable[ChatMessage]) -> str:
-    """Chain ``messages`` onto ``digest``; equal histories give equal digests, incrementally."""
+def canonical(messages: Iterable[Message]) -> list[Message]:
+    """One form of a history for every dialect: each tool result is a ``tool`` message of its
+    own (Anthropic puts them in a user message), and consecutive assistant messages are one
+    (Responses sends a call as an item of its own)."""
+    out: list[Message] = []
     for message in messages:
-        digest = hashlib.sha256(
-            f"{digest}\0{message.role}\0{normalize(message.text)}".encode()
-        ).hexdigest()
+        results = [p for p in message.parts if isinstance(p, ToolResult)]
+        if results and message.role != "tool":
+            out.extend(Message("tool", (r,)) for r in results)
+            rest = tuple(p for p in message.parts if not isinstance(p, ToolResult))
+            if any(isinstance(p, Text) and p.text.strip() for p in rest):
+                out.append(Message(message.role, rest))
+            continue
+        if message.role == "tool" and len(results) > 1:
+            out.extend(Message("tool", (r,)) for r in results)
+            continue
+        if out and message.role == "assistant" and out[-1].role == "assistant":
+            out[-1] = Message("assistant", (*out[-1].parts, *message.parts))
+            continue
+        out.append(message)
+    return out
+
+
+def _arguments(arguments: str) -> str:
+    """Tool-call arguments as canonical JSON (key order and spacing do not matter)."""
+    try:
+        return orjson.dumps(orjson.loads(arguments), option=orjson.OPT_SORT_KEYS).decode()
+    except orjson.JSONDecodeError:
+        return normalize(arguments)
+
+
+def _hashed(message: Message) -> str:
+    # Text-only messages hash as they always have: role and normalized text.
+    form = f"{message.role}\0{normalize(message.text)}"
+    for part in message.parts:
+        if isinstance(part, ToolCall):
+            form += f"\0call\0{part.id}\0{part.name}\0{_arguments(part.arguments)}"
+        elif isinstance(part, ToolResult):
+            form += f"\0result\0{part.call_id}\0{int(part.is_error)}\0{normalize(part.content)}"
+    return form
+
+
+def extend(digest: str, messages: Iterable[Message]) -> str:
+    """Chain ``messages`` onto ``digest``; equal histories give equal digests, incrementally."""
+    for message in canonical(messages):
+        digest = hashlib.sha256(f"{digest}\0{_hashed(message)}".encode()).hexdigest()
     return digest
 
 
 @dataclass(frozen=True, slots=True)
 class Split:
-    """A request's history cut where the known conversation ends and the new turn begins."""
+    """A request's messages cut where the known conversation ends and the new turn begins."""
 
-    system: str
-    history: tuple[ChatMessage, ...]  # everything up to and including the last assistant message
-    new: tuple[ChatMessage, ...]  # the messages after it: the new turn
-
-
-def split(messages: Sequence[ChatMessage]) -> Split:
-    system = "\n\n".join(m.text for m in messages if m.role == "system")
-    turns = [m for m in messages if m.role != "system"]
-    last_assistant = max((i for i, m in enumerate(turns) if m.role == "assistant"), default=-1)
-    return Split(system, tuple(turns[: last_assistant + 1]), tuple(turns[last_assistant + 1 :]))
+    history: tuple[Message, ...]  # everything up to and including the last assistant message
+    new: tuple[Message, ...]  # the messages after it: the new turn
 
 
-def turn_text(new: Sequence[ChatMessage]) -> str:
+def split(messages: Sequence[Message]) -> Split:
+    last_assistant = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
+    return Split(tuple(messages[: last_assistant + 1]), tuple(messages[last_assistant + 1 :]))
+
+
+def _render(parts: Sequence[Part]) -> str:
+    out = []
+    for part in parts:
+        if isinstance(part, Text):
+            out.append(part.text)
+        elif isinstance(part, ToolCall):
+            out.append(f"[tool call {part.id}: {part.name}({part.arguments})]")
+        else:
+            status = "error" if part.is_error else "result"
+            out.append(f"[tool {status} for {part.call_id}]\n{part.content}")
+    return "".join(out) if all(isinstance(p, Text) for p in parts) else "\n".join(out)
+
+
+def turn_text(new: Sequence[Message]) -> str:
     """The text droid receives for the new turn."""
-    parts = [m.text if m.role == "user" else f"[{m.role} message]\n{m.text}" for m in new]
+    parts = [_render(m.parts) if m.role == "user" else f"[{m.role} message]\n{_render(m.parts)}" for m in new]
     return "\n\n".join(parts)
 
 
-def transcript_prompt(history: Sequence[ChatMessage], new: Sequence[ChatMessage]) -> str:
+def transcript_prompt(history: Sequence[Message], new: Sequence[Message]) -> str:
     """A new droid session for a conversation that already has turns: the earlier turns are
     given once, clearly delimited, ahead of the new message."""
     if not history:
@@ -68,7 +116,7 @@ def transcript_prompt(history: Sequence[ChatMessage], new: Sequence[ChatMessage]
         "<conversation>",
     ]
     for message in history:
-        lines.append(f"<{message.role}>\n{message.text}\n</{message.role}>")
+        lines.append(f"<{message.role}>\n{_render(message.parts)}\n</{message.role}>")
     lines.append("</conversation>")
     lines.append("")
     lines.append(turn_text(new))

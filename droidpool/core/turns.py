@@ -1,26 +1,27 @@
-"""A chat request's path: find or create its droid session, lease a worker, run the turn, record it."""
+"""A turn's path: find or create its droid session, lease a worker, run the turn; it records itself."""
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 import structlog
 
 from droidpool import errors
-from droidpool.api.openai_chat import ChatRequest
-from droidpool.droid.protocol import TextDelta, ThinkingDelta, TurnCompleted, TurnEvent, Usage
+from droidpool.droid.protocol import TextDelta, ThinkingDelta, TurnEvent, Usage
 from droidpool.droid.worker import DroidRequestError, SessionSettings, TurnStream, Worker
 from droidpool.pool.pool import Pool, Want
-from droidpool.store.sqlite import SessionRecord, SessionStore
+from droidpool.store.base import SessionRecord, SessionStore, TurnRow
 
 from . import conversation
-from .conversation import ChatMessage
+from .access import PUBLIC, Access
+from .catalog import Catalog
+from .model import Message, Output, TurnRequest, TurnResult
+from .output import Accumulator
 
 log = structlog.get_logger(__name__)
 
@@ -28,45 +29,69 @@ KEY_LOCK = "conversation-id:"  # pool.session_lock namespace for conversation id
 
 
 @dataclass
-class Outcome:
-    """How a turn ended, as far as the store is concerned."""
-
-    completed: TurnCompleted | None = None  # droid's end of turn, successful or not
-    recorded: bool = False  # the new head was stored
+class Deadlines:
+    first_token_s: float = 120.0
+    turn_s: float = 900.0
+    interrupt_grace_s: float = 3.0
 
 
 @dataclass
 class Turn:
-    """A running turn as the HTTP layer sees it."""
+    """A running turn. ``outputs()`` streams it under its deadlines; when droid completes it,
+    it is recorded before the last output is handed over, and ``result`` is set. A turn that
+    fails raises its error from ``outputs()``; one left unfinished is settled as failed."""
 
+    turn_id: str
     session_id: str
     worker: Worker
     new_session: bool
-    stream: TurnStream
-    first_token_s: float
-    total_s: float
-    base: str  # digest of the history before ``sent``
-    sent: tuple[ChatMessage, ...]  # the request's messages this turn gives droid
-    outcome: Outcome = field(default_factory=Outcome)
+    request: TurnRequest
+    _stream: TurnStream
+    _deadlines: Deadlines
+    _record: Callable[[Turn], Awaitable[TurnResult]] | None = field(default=None, repr=False)
+    accumulator: Accumulator = field(default_factory=Accumulator)
+    created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    result: TurnResult | None = None
 
-    async def events(self, tick_s: float) -> AsyncIterator[TurnEvent | None]:
-        """The turn's events under its deadlines; None after ``tick_s`` of silence (keep-alive)."""
+    @property
+    def usage(self) -> Usage:
+        return self.accumulator.usage
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self.first_token_at - self.started if self.first_token_at is not None else None
+
+    async def outputs(self, tick_s: float) -> AsyncIterator[Output | None]:
+        """What to send, as droid produces it; None after ``tick_s`` of silence (keep-alive)."""
+        async for event in self._events(tick_s):
+            if event is None:
+                yield None
+                continue
+            for output in self.accumulator.feed(event):
+                yield output
+        failure = self.accumulator.failure()
+        if failure is not None:
+            raise failure
+        if self._record is not None:
+            self.result = await self._record(self)
+
+    async def _events(self, tick_s: float) -> AsyncIterator[TurnEvent | None]:
         while True:
             now = time.monotonic()
-            deadline = self.started + self.total_s
+            deadline = self.started + self._deadlines.turn_s
             if self.first_token_at is None:
-                deadline = min(deadline, self.started + self.first_token_s)
+                deadline = min(deadline, self.started + self._deadlines.first_token_s)
             wait = min(tick_s, deadline - now)
             if wait <= 0:
                 which = "first token" if self.first_token_at is None else "turn"
-                limit = self.first_token_s if self.first_token_at is None else self.total_s
+                limit = self._deadlines.first_token_s if self.first_token_at is None else self._deadlines.turn_s
                 raise errors.DeadlineExceeded(f"droid exceeded the {which} deadline of {limit:g} s")
             event: TurnEvent | None = None
             with anyio.move_on_after(wait):
                 try:
-                    event = await self.stream.__anext__()
+                    event = await self._stream.__anext__()
                 except StopAsyncIteration:
                     return
             if event is None:
@@ -76,138 +101,112 @@ class Turn:
                 continue
             if self.first_token_at is None and isinstance(event, TextDelta | ThinkingDelta):
                 self.first_token_at = time.monotonic()
-            if isinstance(event, TurnCompleted):
-                self.outcome.completed = event
             yield event
 
 
-@dataclass(frozen=True)
-class Access:
-    """Who is asking (only their own sessions are visible to them) and what droid settings
-    their new sessions get; the defaults are the unauthenticated operator's."""
+class TurnService:
+    """Runs turns on droid sessions: which session, which worker, and the store's bookkeeping."""
 
-    owner: str = ""
-    autonomy: str | None = None  # None: droid.autonomy from the config
-    disabled_tool_ids: tuple[str, ...] | None = None  # None: from droid.enabled_tools
-
-
-PUBLIC = Access()
-
-
-class ChatService:
     def __init__(
         self,
         pool: Pool,
         store: SessionStore,
         base_settings: SessionSettings,
-        *,
-        first_token_s: float,
-        turn_s: float,
-        interrupt_grace_s: float,
-        configured_models: Sequence[str] = (),
-        model_names: Mapping[str, str] | None = None,
+        catalog: Catalog,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.pool = pool
         self.store = store
         self.base_settings = base_settings
-        self.first_token_s = first_token_s
-        self.turn_s = turn_s
-        self.interrupt_grace_s = interrupt_grace_s
-        self.configured_models = tuple(configured_models)
-        self.model_names = dict(model_names or {})  # BYOK names → display names
-
-    # --- models ------------------------------------------------------------------------------
-
-    def models(self) -> list[dict[str, Any]]:
-        seen: dict[str, dict[str, Any]] = {}
-        for model in self.pool.available_models:
-            if isinstance(model, dict) and isinstance(model.get("id"), str) and not model.get("disabled"):
-                seen[model["id"]] = model
-        for model_id in self.configured_models:
-            seen.setdefault(model_id, {"id": model_id})
-        return list(seen.values())
-
-    def resolve_model(self, request: ChatRequest) -> str:
-        """droid's id for the requested model, or ModelNotFound.
-
-        droid lists generated ids (``custom:<displayName>-<n>``); a name without the ``-<n>``
-        suffix, any id configured in pool.models, and a BYOK model's name from droid's
-        settings (``custom:<model>``) are accepted too.
-        """
-        models = {m["id"]: m for m in self.models()}
-        if not models:
-            return request.model  # nothing known yet (no worker has answered): droid will judge
-        aliases = {re.sub(r"-\d+$", "", model_id): model_id for model_id in models}
-        by_display = {m.get("displayName"): m["id"] for m in models.values() if m.get("isCustom")}
-        for name, display in self.model_names.items():
-            if display in by_display:
-                aliases.setdefault(name, by_display[display])
-        model_id = request.model if request.model in models else aliases.get(request.model)
-        if model_id is None:
-            raise errors.ModelNotFound(
-                f"The model {request.model!r} does not exist or droid cannot use it; "
-                f"available: {', '.join(sorted(models))}.",
-                param="model",
-            )
-        supported = models[model_id].get("supportedReasoningEfforts")
-        if request.reasoning_effort and isinstance(supported, list) and request.reasoning_effort not in supported:
-            raise errors.InvalidRequest(
-                f"{request.model} supports reasoning_effort {', '.join(map(str, supported))}; "
-                f"got {request.reasoning_effort!r}.",
-                param="reasoning_effort",
-            )
-        return model_id
+        self.catalog = catalog
+        self.deadlines = deadlines or Deadlines()
 
     # --- a turn ------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def turn(
-        self, request: ChatRequest, conversation_key: str | None = None, access: Access = PUBLIC
-    ) -> AsyncIterator[Turn]:
-        """Find the session, lease a worker, start the turn; the block consumes its events.
+    async def turn(self, request: TurnRequest, access: Access = PUBLIC) -> AsyncIterator[Turn]:
+        """Find the session, lease a worker, start the turn; the block consumes its outputs.
 
-        The session is the one named by ``request.session_id``, else the one named by
-        ``conversation_key`` (created on first use), else the one whose history the request
-        resends, else a new one. Leaving the block before the turn completes interrupts it;
-        a completed turn is recorded (``record``) so the next request continues it, and a turn
-        that reached droid but was not recorded counts as failed (``store.fail_turn``).
+        The session is the one named by ``request.session_id``, else the one whose latest turn
+        is ``request.previous_turn_id``, else the one named by ``request.conversation_key``
+        (created on first use), else the one whose history the request resends, else a new one.
+        Leaving the block before the turn completes interrupts it; a turn that reached droid
+        and was not recorded counts as failed (``store.fail_turn``).
         """
-        model_id = self.resolve_model(request)
+        model_id = self.catalog.resolve(request.model, request.reasoning_effort)
         split = conversation.split(request.messages)
         # Each owner's stateless histories live in their own digest space.
-        seed = conversation.seed(split.system, namespace=access.owner)
+        seed = conversation.seed(request.system, namespace=access.owner)
+        key = request.conversation_key
         async with AsyncExitStack() as stack:
-            if conversation_key is not None:
+            if key is not None:
                 # Held for the whole turn: a conversation id's first uses never race.
-                lock = f"{KEY_LOCK}{access.owner}\0{conversation_key}"
-                await stack.enter_async_context(self.pool.session_lock(lock))
-            record = await self._continued(request, split, seed, conversation_key, access, stack)
+                await stack.enter_async_context(self.pool.session_lock(f"{KEY_LOCK}{access.owner}\0{key}"))
+            record = await self._continued(request, split, seed, access, stack)
             worker = None
             if record is not None:
                 worker = await self._lease_continued(record, model_id, request, access, stack)
             if record is not None and worker is not None:
                 session_id = record.session_id
                 base = record.head_digest or seed
-                sent: tuple[ChatMessage, ...] = split.new
+                sent: tuple[Message, ...] = split.new
                 prompt = conversation.turn_text(split.new)
                 await self.store.begin_turn(session_id)
             else:
                 record = None
-                worker = await self._lease_new(model_id, request, split.system, conversation_key, access, stack)
+                worker = await self._lease_new(model_id, request, access, stack)
                 assert worker.session_id is not None
                 session_id = worker.session_id
                 base = seed
                 sent = (*split.history, *split.new)
                 prompt = conversation.transcript_prompt(split.history, split.new)
-            outcome = Outcome()
-            stack.push_async_callback(self._settle, session_id, outcome)
-            log.debug("chat.turn", session=session_id, worker=worker.id, new=record is None, prompt=prompt)
-            stream = await stack.enter_async_context(worker.turn(prompt, self.interrupt_grace_s))
-            yield Turn(session_id, worker, record is None, stream, self.first_token_s, self.turn_s,
-                       base, sent, outcome)
+            turn_id = uuid.uuid4().hex
+            started_at = time.time()
+            log.debug("turn.start", session=session_id, worker=worker.id, new=record is None, prompt=prompt)
+            started: list[Turn] = []
+
+            async def record_turn(turn: Turn) -> TurnResult:
+                return await self._complete(turn, base, sent, access, started_at)
+
+            async def settle() -> None:
+                if not started or started[0].result is None:
+                    usage = started[0].usage if started else Usage()
+                    await self._settle(turn_id, session_id, request, access, started_at, usage)
+
+            stack.push_async_callback(settle)
+            stream = await stack.enter_async_context(worker.turn(prompt, self.deadlines.interrupt_grace_s))
+            turn = Turn(turn_id, session_id, worker, record is None, request, stream, self.deadlines, record_turn,
+                        created=int(started_at))
+            started.append(turn)
+            yield turn
+
+    async def _complete(
+        self, turn: Turn, base: str, sent: tuple[Message, ...], access: Access, started_at: float
+    ) -> TurnResult:
+        """Store the session's new head (its history now ends with this answer) and the turn."""
+        acc = turn.accumulator
+        result = TurnResult(turn.turn_id, turn.session_id, turn.request.model, acc.text, acc.reasoning,
+                            acc.usage, turn.created)
+        head = conversation.extend(base, (*sent, Message.of("assistant", acc.text)))
+        row = TurnRow(turn.turn_id, turn.session_id, turn.request.model, acc.usage, started_at, access.owner,
+                      turn.request.dialect, result.to_json() if turn.request.keep_output else None)
+        with anyio.CancelScope(shield=True):
+            await self.store.complete_turn(row, head)
+        return result
+
+    async def _settle(
+        self, turn_id: str, session_id: str, request: TurnRequest, access: Access, started_at: float, usage: Usage
+    ) -> None:
+        """A turn that reached droid and was not recorded failed: keep its usage, and keep
+        stateless resends off the session, whose droid history now holds the failed message."""
+        row = TurnRow(turn_id, session_id, request.model, usage, started_at, access.owner, request.dialect,
+                      status="failed")
+        with anyio.CancelScope(shield=True):
+            await self.store.fail_turn(row)
+        log.info("turn.failed", session=session_id)
 
     async def _lease_continued(
-        self, record: SessionRecord, model_id: str, request: ChatRequest, access: Access, stack: AsyncExitStack
+        self, record: SessionRecord, model_id: str, request: TurnRequest, access: Access, stack: AsyncExitStack
     ) -> Worker | None:
         """A worker holding ``record``'s session; None if droid lost it and the client resent
         its whole history (so a new session loses nothing)."""
@@ -216,24 +215,26 @@ class ChatService:
             return await stack.enter_async_context(self.pool.lease(want))
         except errors.SessionNotFound:
             # droid lost the session (its files were removed): forget it too.
-            log.warning("chat.session_lost", session=record.session_id)
+            log.warning("turn.session_lost", session=record.session_id)
             await self.store.delete(record.session_id)
-            if request.session_id is None and record.conversation_key is None:
+            named = request.session_id is not None or request.previous_turn_id is not None
+            if not named and record.conversation_key is None:
                 return None
             raise errors.SessionNotFound(
                 f"droid no longer has session {record.session_id!r}; it is forgotten, "
                 "and the next request starts a new one.",
-                param="session_id" if request.session_id is not None else "conversation_id",
+                param="session_id" if request.session_id is not None else (
+                    "previous_turn" if request.previous_turn_id is not None else "conversation_id"),
             ) from None
 
     async def _lease_new(
-        self, model_id: str, request: ChatRequest, system: str, key: str | None, access: Access,
-        stack: AsyncExitStack,
+        self, model_id: str, request: TurnRequest, access: Access, stack: AsyncExitStack
     ) -> Worker:
-        """A worker with a new session, recorded (named ``key``) with a turn in flight."""
-        settings = self._settings(model_id, request, system, access)
+        """A worker with a new session, recorded (named by the conversation key) with a turn in flight."""
+        settings = self._settings(model_id, request, request.system, access)
         worker = await stack.enter_async_context(self.pool.lease(Want(settings)))
         assert worker.session_id is not None
+        key = request.conversation_key
         if not await self.store.create(worker.session_id, request.model, conversation_key=key, in_flight=True,
                                        owner=access.owner):
             raise errors.ConversationConflict(  # only if another process took the id meanwhile
@@ -244,10 +245,9 @@ class ChatService:
 
     async def _continued(
         self,
-        request: ChatRequest,
+        request: TurnRequest,
         split: conversation.Split,
         seed: str,
-        key: str | None,
         access: Access,
         stack: AsyncExitStack,
     ) -> SessionRecord | None:
@@ -255,6 +255,7 @@ class ChatService:
 
         Another owner's session is never found: to them it does not exist (404)."""
         owner = access.owner
+        key = request.conversation_key
         if request.session_id is not None:
             record = await self._lock(request.session_id, stack, lambda r: r.owner == owner)
             if record is None:
@@ -264,6 +265,8 @@ class ChatService:
             if key is not None and record.conversation_key != key:
                 await self._bind(record.session_id, key, owner)
             return record
+        if request.previous_turn_id is not None:
+            return await self._after_turn(request.previous_turn_id, key, owner, stack)
         if key is not None:
             named = await self.store.by_key(key, owner)
             if named is not None:
@@ -280,6 +283,27 @@ class ChatService:
         record = await self._lock(found.session_id, stack,
                                   lambda r: r.head_digest == base and r.matchable and r.owner == owner)
         if record is not None and key is not None:
+            await self._bind(record.session_id, key, owner)
+        return record
+
+    async def _after_turn(
+        self, turn_id: str, key: str | None, owner: str, stack: AsyncExitStack
+    ) -> SessionRecord:
+        """The session whose latest completed turn is ``turn_id``, locked."""
+        previous = await self.store.get_turn(turn_id, owner)
+        record = None
+        if previous is not None:
+            record = await self._lock(previous.session_id, stack, lambda r: r.owner == owner)
+        if previous is None or record is None:
+            raise errors.ResponseNotFound(f"No stored response {turn_id!r} to continue (unknown, "
+                                          "not stored, deleted or expired).", param="previous_turn")
+        if record.last_turn_id != turn_id:
+            raise errors.Conflict(
+                f"Response {turn_id!r} is not the latest of its conversation; continue from the "
+                f"latest one ({record.last_turn_id!r}) or resend the history.",
+                param="previous_turn", code="response_not_latest",
+            )
+        if key is not None and record.conversation_key != key:
             await self._bind(record.session_id, key, owner)
         return record
 
@@ -309,23 +333,6 @@ class ChatService:
             raise errors.ConversationConflict(
                 f"The conversation id {key!r} already names another session.", param="conversation_id"
             )
-
-    async def _settle(self, session_id: str, outcome: Outcome) -> None:
-        """A turn that reached droid and was not recorded failed: keep its usage, and keep
-        stateless resends off the session, whose droid history now holds the failed message."""
-        if outcome.recorded:
-            return
-        usage = outcome.completed.usage if outcome.completed is not None else Usage()
-        with anyio.CancelScope(shield=True):
-            await self.store.fail_turn(session_id, usage)
-        log.info("chat.turn_failed", session=session_id,
-                 reason=outcome.completed.reason if outcome.completed else "incomplete")
-
-    async def record(self, turn: Turn, request: ChatRequest, answer: str, usage: Usage) -> None:
-        """Store the session's new head: its history now ends with this answer."""
-        head = conversation.extend(turn.base, (*turn.sent, ChatMessage("assistant", answer)))
-        await self.store.complete_turn(turn.session_id, request.model, head, usage)
-        turn.outcome.recorded = True
 
     # --- sessions ----------------------------------------------------------------------------
 
@@ -368,7 +375,7 @@ class ChatService:
             )
             record = await self.store.get(fork_id)
             assert record is not None
-            log.info("chat.session_forked", session=session_id, fork=fork_id)
+            log.info("session.forked", session=session_id, fork=fork_id)
             return record
 
     async def delete(self, session_id: str, access: Access = PUBLIC) -> bool:
@@ -379,7 +386,7 @@ class ChatService:
                 return False
             return await self.store.delete(session_id)
 
-    def _settings(self, model_id: str, request: ChatRequest, system: str | None, access: Access) -> SessionSettings:
+    def _settings(self, model_id: str, request: TurnRequest, system: str | None, access: Access) -> SessionSettings:
         base = self.base_settings
         return SessionSettings(
             model_id=model_id,

@@ -16,13 +16,14 @@ from droidpool.api.app import build_app
 from droidpool.api.metrics import Metrics
 from droidpool.config import Config, ConfigError
 from droidpool.core.access import Authenticator, load_keys
-from droidpool.core.turns import ChatService
+from droidpool.core.catalog import Catalog
+from droidpool.core.turns import Deadlines, TurnService
 from droidpool.droid.launch import StartupError, base_settings, byok_names, launch_spec
 from droidpool.droid.worker import LaunchSpec
 from droidpool.pool import procfs
 from droidpool.pool.policy import PoolPolicy
 from droidpool.pool.pool import Pool
-from droidpool.store.sqlite import SessionStore
+from droidpool.store import SessionStore, SqliteStore
 
 from . import logs
 from .systemd import Notifier
@@ -38,17 +39,19 @@ def build_pool(config: Config, spec: LaunchSpec | None = None) -> Pool:
     )
 
 
-def build_chat(config: Config, pool: Pool, store: SessionStore) -> ChatService:
-    return ChatService(
-        pool,
-        store,
-        base_settings(config),
-        first_token_s=config.deadlines.first_token_s,
-        turn_s=config.deadlines.turn_s,
-        interrupt_grace_s=config.deadlines.interrupt_grace_s,
-        configured_models=[m.id for m in config.pool.models],
-        model_names=byok_names(config),
+def deadlines(config: Config) -> Deadlines:
+    d = config.deadlines
+    return Deadlines(first_token_s=d.first_token_s, turn_s=d.turn_s, interrupt_grace_s=d.interrupt_grace_s)
+
+
+def build_turns(config: Config, pool: Pool, store: SessionStore) -> TurnService:
+    catalog = Catalog(
+        lambda: pool.available_models,
+        configured=[m.id for m in config.pool.models],
+        byok_names=byok_names(config),
+        aliases=config.models.aliases,
     )
+    return TurnService(pool, store, base_settings(config), catalog, deadlines(config))
 
 
 async def serve(config: Config, reload: Callable[[], Config] | None = None) -> None:
@@ -65,7 +68,7 @@ class Daemon:
         self._stop = anyio.Event()
         self.notifier = Notifier()
         self.pool: Pool | None = None
-        self.chat: ChatService | None = None
+        self.turns: TurnService | None = None
         self.auth = Authenticator([])
 
     async def run(self) -> None:
@@ -92,7 +95,7 @@ class Daemon:
 
     def reload(self) -> None:
         """Apply a re-read config to the running pool and deadlines; turns keep running."""
-        if self._reload is None or self.pool is None or self.chat is None:
+        if self._reload is None or self.pool is None or self.turns is None:
             return
         self.notifier.send(reloading=1, status="reloading configuration")
         try:
@@ -111,9 +114,8 @@ class Daemon:
             log.warning("droidpool.reload_needs_restart", keys=restart_only or ["store"])
         self.pool.reconfigure(PoolPolicy.from_config(new.pool), spec)
         self.auth.set_keys(keys)
-        self.chat.first_token_s = new.deadlines.first_token_s
-        self.chat.turn_s = new.deadlines.turn_s
-        self.chat.interrupt_grace_s = new.deadlines.interrupt_grace_s
+        self.turns.deadlines = deadlines(new)
+        self.turns.catalog.aliases = dict(new.models.aliases)
         if new.server.log_level != self.config.server.log_level:
             logs.configure(new.server.log_level)
         self.config = new
@@ -129,14 +131,14 @@ class Daemon:
 
     async def _serve(self, spec: LaunchSpec, tg: anyio.abc.TaskGroup) -> None:
         config = self.config
-        store = SessionStore(config.store_path, config.store.session_ttl_s)
+        store = SqliteStore(config.store_path, config.store.session_ttl_s)
         await store.open()
         try:
             async with build_pool(config, spec) as pool:
                 self.pool = pool
-                self.chat = build_chat(config, pool, store)
+                self.turns = build_turns(config, pool, store)
                 app = build_app(
-                    self.chat, pool, store,
+                    self.turns, pool, store,
                     max_body_bytes=config.server.max_body_bytes,
                     keepalive_s=config.server.keepalive_s,
                     body_timeout_s=config.server.body_timeout_s,

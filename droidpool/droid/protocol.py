@@ -123,6 +123,28 @@ class Usage:
             num("thinkingTokens"),
         )
 
+    def to_json(self) -> dict[str, int]:
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cache_read_tokens": self.cache_read_tokens,
+            "cache_creation_tokens": self.cache_creation_tokens,
+            "thinking_tokens": self.thinking_tokens,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Usage:
+        """The inverse of ``to_json`` (missing or malformed counts are 0)."""
+        if not isinstance(raw, dict):
+            return cls()
+        counts = [raw.get(k) for k in cls().to_json()]
+        return cls(*(v if isinstance(v, int) and not isinstance(v, bool) else 0 for v in counts))
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Every input token, as clients count them: fresh, cache read and cache creation."""
+        return self.input_tokens + self.cache_read_tokens + self.cache_creation_tokens
+
 
 @dataclass(frozen=True, slots=True)
 class TextDelta:

@@ -1,4 +1,4 @@
-"""The durable session store: conversation → droid session, in SQLite (WAL), off the event loop."""
+"""The embedded store: sessions and turns in SQLite (WAL, synchronous=FULL), off the event loop."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio.to_thread
+import orjson
 
 from droidpool.droid.protocol import Usage
+
+from .base import MAX_LIST_LIMIT, Page, SessionRecord, TurnRow, UnknownCursor
 
 T = TypeVar("T")
 
@@ -56,69 +58,36 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE conversation_key IS NOT NULL;
     CREATE INDEX sessions_owner_updated ON sessions (owner, updated_at);
     """,
+    # v4: one row per turn that reached droid (completed or failed), with the dialect that asked
+    # and, when the client asked to keep it (Responses' store), its output; sessions point at
+    # their latest completed turn (Responses' previous_response_id continues from there).
+    """
+    ALTER TABLE sessions ADD COLUMN last_turn_id TEXT;
+    CREATE TABLE turns (
+        turn_id TEXT PRIMARY KEY,
+        session_id TEXT NOT NULL,
+        owner TEXT NOT NULL DEFAULT '',
+        model TEXT NOT NULL,
+        dialect TEXT NOT NULL,
+        status TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        finished_at REAL NOT NULL,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        cache_read_tokens INTEGER NOT NULL DEFAULT 0,
+        cache_creation_tokens INTEGER NOT NULL DEFAULT 0,
+        thinking_tokens INTEGER NOT NULL DEFAULT 0,
+        output BLOB
+    );
+    CREATE INDEX turns_session ON turns (session_id);
+    CREATE INDEX turns_owner_finished ON turns (owner, finished_at);
+    """,
 )
-
-MAX_LIST_LIMIT = 1000
-
-
-@dataclass(frozen=True)
-class SessionRecord:
-    session_id: str
-    model: str
-    head_digest: str | None
-    created_at: float
-    updated_at: float
-    turns: int
-    usage: Usage
-    conversation_key: str | None = None
-    parent_id: str | None = None
-    in_flight: bool = False  # a turn started and has not been recorded (yet, or ever: a crash)
-    diverged: bool = False  # droid's history holds a turn the client never saw completed
-    failed_turns: int = 0
-    owner: str = ""  # the API key's name that created it; "" without authentication
-
-    @property
-    def matchable(self) -> bool:
-        """May a stateless resend continue this session? Only if its droid history is exactly
-        the client-visible one, nobody named it, and it is not an untouched fork."""
-        return (
-            self.head_digest is not None
-            and not self.in_flight
-            and not self.diverged
-            and self.conversation_key is None
-            and not (self.parent_id is not None and self.turns == 0)
-        )
-
-    def public(self, ttl_s: float | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "id": self.session_id,
-            "object": "droidpool.session",
-            "model": self.model,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "turns": self.turns,
-            "failed_turns": self.failed_turns,
-            "conversation_id": self.conversation_key,
-            "parent_id": self.parent_id,
-            "in_flight": self.in_flight,
-            "diverged": self.diverged,
-            "usage": {
-                "input_tokens": self.usage.input_tokens,
-                "output_tokens": self.usage.output_tokens,
-                "cache_read_tokens": self.usage.cache_read_tokens,
-                "cache_creation_tokens": self.usage.cache_creation_tokens,
-                "thinking_tokens": self.usage.thinking_tokens,
-            },
-        }
-        if ttl_s is not None:
-            body["expires_at"] = self.updated_at + ttl_s
-        return body
-
 
 _COLUMNS = (
     "session_id, model, head_digest, created_at, updated_at, turns, input_tokens, output_tokens, "
     "cache_read_tokens, cache_creation_tokens, thinking_tokens, conversation_key, "
-    "parent_session_id, in_flight, diverged, failed_turns, owner"
+    "parent_session_id, in_flight, diverged, failed_turns, owner, last_turn_id"
 )
 _MATCHABLE = (
     "in_flight = 0 AND diverged = 0 AND conversation_key IS NULL "
@@ -134,7 +103,7 @@ _ADD_USAGE = (
 def _record(row: tuple[Any, ...]) -> SessionRecord:
     return SessionRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], Usage(*row[6:11]),
-        row[11], row[12], bool(row[13]), bool(row[14]), row[15], row[16],
+        row[11], row[12], bool(row[13]), bool(row[14]), row[15], row[16], row[17],
     )
 
 
@@ -143,19 +112,7 @@ def _usage_params(usage: Usage) -> tuple[int, int, int, int, int]:
             usage.cache_creation_tokens, usage.thinking_tokens)
 
 
-@dataclass(frozen=True)
-class Page:
-    """One page of the session list, newest update first."""
-
-    records: list[SessionRecord]
-    has_more: bool
-
-
-class UnknownCursor(LookupError):
-    """A list's ``after`` names no session."""
-
-
-class SessionStore:
+class SqliteStore:
     """One SQLite connection used from worker threads, one statement at a time."""
 
     def __init__(self, path: Path, ttl_s: float) -> None:
@@ -165,7 +122,7 @@ class SessionStore:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"<SessionStore {self.path}>"
+        return f"<SqliteStore {self.path}>"
 
     async def open(self) -> None:
         await self._run(self._open)
@@ -375,38 +332,89 @@ class SessionStore:
             )
         )
 
-    async def complete_turn(self, session_id: str, model: str, head_digest: str, usage: Usage) -> None:
+    async def complete_turn(self, turn: TurnRow, head_digest: str) -> None:
+        """Record a completed turn and move the session's head, in one transaction."""
         now = time.time()
-        await self._run(
-            lambda: self._conn().execute(
-                f"UPDATE sessions SET model = ?, head_digest = ?, updated_at = ?, turns = turns + 1, "
-                f"in_flight = 0, {_ADD_USAGE} WHERE session_id = ?",
-                (model, head_digest, now, *_usage_params(usage), session_id),
-            )
-        )
 
-    async def fail_turn(self, session_id: str, usage: Usage) -> None:
+        def complete(db: sqlite3.Connection) -> None:
+            db.execute(
+                f"UPDATE sessions SET model = ?, head_digest = ?, updated_at = ?, turns = turns + 1, "
+                f"in_flight = 0, last_turn_id = ?, {_ADD_USAGE} WHERE session_id = ?",
+                (turn.model, head_digest, now, turn.turn_id, *_usage_params(turn.usage), turn.session_id),
+            )
+            self._insert_turn(db, turn, "completed", now)
+
+        await self._run(self._transaction, complete)
+
+    async def fail_turn(self, turn: TurnRow) -> None:
         """A turn that reached droid but did not complete: count its tokens (droid spent them),
         keep the head, and keep stateless resends off this session from now on."""
         now = time.time()
-        await self._run(
-            lambda: self._conn().execute(
+
+        def fail(db: sqlite3.Connection) -> None:
+            db.execute(
                 f"UPDATE sessions SET updated_at = ?, failed_turns = failed_turns + 1, in_flight = 0, "
                 f"diverged = 1, {_ADD_USAGE} WHERE session_id = ?",
-                (now, *_usage_params(usage), session_id),
+                (now, *_usage_params(turn.usage), turn.session_id),
+            )
+            self._insert_turn(db, turn, "failed", now)
+
+        await self._run(self._transaction, fail)
+
+    @staticmethod
+    def _insert_turn(db: sqlite3.Connection, turn: TurnRow, status: str, now: float) -> None:
+        output = orjson.dumps(dict(turn.output)) if turn.output is not None else None
+        db.execute(
+            "INSERT INTO turns (turn_id, session_id, owner, model, dialect, status, started_at, finished_at, "
+            "input_tokens, output_tokens, cache_read_tokens, cache_creation_tokens, thinking_tokens, output) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (turn_id) DO NOTHING",
+            (turn.turn_id, turn.session_id, turn.owner, turn.model, turn.dialect, status, turn.started_at, now,
+             *_usage_params(turn.usage), output),
+        )
+
+    async def get_turn(self, turn_id: str, owner: str) -> TurnRow | None:
+        """A turn whose output was kept, if it is ``owner``'s."""
+        row = await self._run(
+            lambda: self._conn().execute(
+                "SELECT turn_id, session_id, model, input_tokens, output_tokens, cache_read_tokens, "
+                "cache_creation_tokens, thinking_tokens, started_at, owner, dialect, output, status "
+                "FROM turns WHERE turn_id = ? AND owner = ? AND output IS NOT NULL",
+                (turn_id, owner),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        return TurnRow(row[0], row[1], row[2], Usage(*row[3:8]), row[8], row[9], row[10],
+                       orjson.loads(row[11]), row[12])
+
+    async def forget_output(self, turn_id: str, owner: str) -> bool:
+        """Drop a kept output (the turn's usage stays); False if there was none of ``owner``'s."""
+        cursor = await self._run(
+            lambda: self._conn().execute(
+                "UPDATE turns SET output = NULL WHERE turn_id = ? AND owner = ? AND output IS NOT NULL",
+                (turn_id, owner),
             )
         )
+        return bool(cursor.rowcount > 0)
 
     async def delete(self, session_id: str) -> bool:
-        cursor = await self._run(
-            lambda: self._conn().execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
-        )
-        return cursor.rowcount > 0
+        """Forget a session and the outputs kept of its turns (their usage rows stay)."""
+
+        def delete(db: sqlite3.Connection) -> bool:
+            gone = db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,)).rowcount > 0
+            db.execute("UPDATE turns SET output = NULL WHERE session_id = ? AND output IS NOT NULL", (session_id,))
+            return bool(gone)
+
+        return await self._run(self._transaction, delete)
 
     async def sweep(self) -> int:
-        """Delete expired sessions; returns how many."""
+        """Delete expired sessions, and drop the outputs kept of turns as old; returns how many
+        sessions went."""
         cutoff = self._cutoff()
-        cursor = await self._run(
-            lambda: self._conn().execute("DELETE FROM sessions WHERE updated_at < ?", (cutoff,))
-        )
-        return cursor.rowcount
+
+        def sweep(db: sqlite3.Connection) -> int:
+            swept = db.execute("DELETE FROM sessions WHERE updated_at < ?", (cutoff,)).rowcount
+            db.execute("UPDATE turns SET output = NULL WHERE finished_at < ? AND output IS NOT NULL", (cutoff,))
+            return int(swept)
+
+        return await self._run(self._transaction, sweep)

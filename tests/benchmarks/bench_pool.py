@@ -335,7 +335,7 @@ def log_digest(events: list[dict[str, Any]]) -> dict[str, Any]:
     """What the daemon log says happened: retirements by reason, evictions, failures."""
     retire = collections.Counter(str(e.get("reason")) for e in events if e.get("event") == "pool.retire")
     statuses = collections.Counter(
-        str(e.get("status")) for e in events if e.get("event") == "chat.completion"
+        str(e.get("status")) for e in events if e.get("event") == "turn"
     )
     problems = collections.Counter(
         str(e.get("event"))

@@ -13,13 +13,22 @@ from droidpool.api.app import build_app
 from droidpool.api.metrics import Metrics
 from droidpool.config import load
 from droidpool.core.access import Authenticator
-from droidpool.daemon.service import build_chat, build_pool
+from droidpool.daemon.service import build_pool, build_turns
+from droidpool.droid.protocol import Usage
 from droidpool.droid.worker import LaunchSpec, Worker
 from droidpool.pool.pool import Pool
-from droidpool.store.sqlite import SessionStore
+from droidpool.store import SqliteStore, TurnRow
 from tests.conftest import FAKE_DROID
 
 MODEL = "custom:fake-model"
+
+
+def turn_row(session_id: str, model: str, usage: Usage, **extra: Any) -> TurnRow:
+    """A turn of ``session_id`` for the store's write methods, with a fresh id."""
+    import time
+    import uuid
+
+    return TurnRow(uuid.uuid4().hex, session_id, model, usage, time.time(), **extra)
 
 
 @asynccontextmanager
@@ -45,7 +54,7 @@ async def served(
         **overrides,
     }
     config = load(None, environ={}, overrides=settings)
-    store = SessionStore(config.store_path, config.store.session_ttl_s)
+    store = SqliteStore(config.store_path, config.store.session_ttl_s)
     await store.open()
     try:
         pool = build_pool(config)
@@ -53,7 +62,7 @@ async def served(
             pool = Pool(pool.spec, base_settings=pool.base_settings, policy=pool.policy, worker_factory=worker_factory)
         async with pool:
             assert await pool.wait_warm(15)
-            app = build_app(build_chat(config, pool, store), pool, store,
+            app = build_app(build_turns(config, pool, store), pool, store,
                             max_body_bytes=config.server.max_body_bytes, keepalive_s=config.server.keepalive_s,
                             body_timeout_s=config.server.body_timeout_s, auth=auth, metrics=Metrics(pool))
             async with TestClient(TestServer(app)) as client:

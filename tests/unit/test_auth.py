@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from droidpool import errors
+from droidpool.api import openai_wire
 from droidpool.config import ConfigError, load
 from droidpool.core.access import (
     ANONYMOUS,
@@ -50,7 +51,7 @@ def test_missing_or_wrong_keys_are_401(tmp_path: Path, header: str | None) -> No
     with pytest.raises(errors.Unauthorized) as info:
         keys(tmp_path).authenticate(header)
     assert info.value.status == 401
-    assert info.value.body()["error"]["type"] == "authentication_error"
+    assert info.value.kind == "authentication" and openai_wire.error_body(info.value)[1]["error"]["type"] == "authentication_error"
     assert "alice-secret" not in info.value.message
 
 

@@ -13,9 +13,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from droidpool.api.app import build_app
 from droidpool.config import load
-from droidpool.daemon.service import build_chat, build_pool
+from droidpool.daemon.service import build_pool, build_turns
 from droidpool.droid.worker import WorkerState
-from droidpool.store.sqlite import SessionStore
+from droidpool.store import SqliteStore
 from tests.conftest import FAKE_DROID
 from tests.unit.harness import MODEL, served
 
@@ -277,11 +277,11 @@ async def test_spawn_failures_make_the_daemon_unready(tmp_path: Path) -> None:
         home.mkdir()
         config = load(None, environ={}, overrides={
             "droid.binary": str(FAKE_DROID), "droid.home": str(home), "server.state_dir": str(tmp_path / "s")})
-        store = SessionStore(config.store_path, 60)
+        store = SqliteStore(config.store_path, 60)
         await store.open()
         async with build_pool(config) as pool:
             assert not await pool.wait_warm(20)
-            app = build_app(build_chat(config, pool, store), pool, store, max_body_bytes=10000, keepalive_s=5)
+            app = build_app(build_turns(config, pool, store), pool, store, max_body_bytes=10000, keepalive_s=5)
             async with TestClient(TestServer(app)) as client:
                 ready = await client.get("/readyz")
                 assert ready.status == 503

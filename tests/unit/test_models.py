@@ -9,10 +9,8 @@ from typing import Any
 import pytest
 
 from droidpool import errors
-from droidpool.api.openai_chat import ChatRequest
 from droidpool.config import load
-from droidpool.core.conversation import ChatMessage
-from droidpool.core.turns import ChatService
+from droidpool.core.catalog import Catalog
 from droidpool.droid.launch import byok_names
 
 LISTED = [
@@ -21,17 +19,10 @@ LISTED = [
 ]
 
 
-class FakePool:
-    available_models: list[dict[str, Any]] = LISTED
-
-
-def service(names: dict[str, str]) -> ChatService:
-    return ChatService(FakePool(), None, None, first_token_s=1, turn_s=1, interrupt_grace_s=1,  # type: ignore[arg-type]
-                       configured_models=["custom:pinned"], model_names=names)
-
-
-def request(model: str, effort: str | None = None) -> ChatRequest:
-    return ChatRequest(model, (ChatMessage("user", "hi"),), reasoning_effort=effort)
+def service(names: dict[str, str], aliases: dict[str, str] | None = None,
+            listed: list[dict[str, Any]] | None = None) -> Catalog:
+    return Catalog(lambda: LISTED if listed is None else listed, configured=["custom:pinned"], byok_names=names,
+                   aliases=aliases)
 
 
 def test_byok_names_come_from_droids_settings(tmp_path: Path) -> None:
@@ -50,14 +41,36 @@ def test_byok_names_come_from_droids_settings(tmp_path: Path) -> None:
      ("fake-paced", "custom:Paced-0"), ("claude-opus-4-7", "claude-opus-4-7"), ("custom:pinned", "custom:pinned")],
 )
 def test_every_name_droid_accepts_resolves_to_its_id(asked: str, resolved: str) -> None:
-    assert service({"custom:fake-paced": "Paced", "fake-paced": "Paced"}).resolve_model(request(asked)) == resolved
+    assert service({"custom:fake-paced": "Paced", "fake-paced": "Paced"}).resolve(asked) == resolved
 
 
 def test_unknown_models_and_unsupported_efforts_are_refused() -> None:
     chat = service({})
     with pytest.raises(errors.ModelNotFound):
-        chat.resolve_model(request("custom:fake-paced"))  # no settings: droid's list is all we know
+        chat.resolve("custom:fake-paced")  # no settings: droid's list is all we know
     with pytest.raises(errors.InvalidRequest) as info:
-        chat.resolve_model(request("claude-opus-4-7", "xhigh"))
+        chat.resolve("claude-opus-4-7", "xhigh")
     assert info.value.param == "reasoning_effort"
-    assert chat.resolve_model(request("claude-opus-4-7", "high")) == "claude-opus-4-7"
+    assert chat.resolve("claude-opus-4-7", "high") == "claude-opus-4-7"
+
+
+def test_aliases_map_client_names_exact_first_then_globs_in_order() -> None:
+    catalog = service({}, aliases={"claude-opus-5-5": "custom:Paced", "claude-*": "claude-opus-4-7",
+                                   "claude-haiku-*": "custom:Paced-0", "gpt-x": "nonexistent"})
+    assert catalog.resolve("claude-opus-5-5") == "custom:Paced-0"  # exact, then droid's short form
+    assert catalog.resolve("claude-haiku-4") == "claude-opus-4-7"  # the first glob that matches wins
+    assert catalog.resolve("custom:Paced-0") == "custom:Paced-0"
+    with pytest.raises(errors.ModelNotFound) as info:
+        catalog.resolve("gpt-x")
+    assert "alias of 'nonexistent'" in info.value.message
+    listing = {m.id: m.alias_of for m in catalog.listing()}
+    assert listing["claude-opus-5-5"] == "custom:Paced-0"  # exact aliases are listed, globs and broken ones not
+    assert "claude-*" not in listing and "gpt-x" not in listing
+    assert listing["custom:Paced-0"] is None
+
+
+def test_before_droid_answers_any_name_passes_through_its_alias() -> None:
+    catalog = service({}, aliases={"claude-*": "custom:x"}, listed=[])
+    catalog.configured = ()
+    assert catalog.resolve("claude-3") == "custom:x"
+    assert catalog.resolve("anything") == "anything"

@@ -1,4 +1,4 @@
-"""Request validation and the fold of droid events into OpenAI deltas."""
+"""Chat Completions: request validation, the accumulator over droid events, and the chunks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from droidpool import errors
-from droidpool.api.openai_chat import Fold, parse_chat_request
+from droidpool.api import openai_chat
+from droidpool.api.dialect import Parsed
+from droidpool.core.model import ReasoningOut, TextOut, TurnRequest, TurnResult
+from droidpool.core.output import Accumulator
 from droidpool.droid.protocol import (
     Notice,
     Retracted,
@@ -21,14 +24,19 @@ from droidpool.droid.protocol import (
 )
 
 
+def parse_chat_request(body: Any, header_session_id: str | None = None) -> TurnRequest:
+    headers = {"X-Session-Id": header_session_id} if header_session_id else {}
+    return openai_chat.parse(body, headers).turn
+
+
 def body(**extra: Any) -> dict[str, Any]:
     return {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
 
 
 def test_valid_request_is_parsed_with_ignored_params_listed() -> None:
-    req = parse_chat_request(body(stream=True, stream_options={"include_usage": True}, temperature=0.2, foo=1))
-    assert req.stream and req.include_usage
-    assert req.ignored == ("foo", "temperature")
+    parsed = openai_chat.parse(body(stream=True, stream_options={"include_usage": True}, temperature=0.2, foo=1), {})
+    assert parsed.turn.stream and parsed.options["include_usage"]
+    assert parsed.turn.ignored == ("foo", "temperature")
 
 
 def test_session_id_from_body_wins_over_header() -> None:
@@ -41,7 +49,8 @@ def test_content_parts_and_developer_role() -> None:
         {"role": "developer", "content": "rules"},
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
     ]})
-    assert [(m.role, m.text) for m in req.messages] == [("system", "rules"), ("user", "ab")]
+    assert req.system == "rules"
+    assert [(m.role, m.text) for m in req.messages] == [("user", "ab")]
 
 
 @pytest.mark.parametrize(
@@ -66,7 +75,7 @@ def test_invalid_requests_name_their_param(raw: dict[str, Any], param: str) -> N
         parse_chat_request(raw)
     assert info.value.param == param
     assert info.value.status == 400
-    assert info.value.body()["error"]["type"] == "invalid_request_error"
+    assert openai_chat.DIALECT.error_body(info.value)[1]["error"]["type"] == "invalid_request_error"
 
 
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
@@ -79,49 +88,41 @@ def test_any_json_is_either_accepted_or_a_400(value: Any) -> None:
             pass
 
 
-def feed_all(fold: Fold, events: list[Any]) -> str:
-    out = []
-    for event in events:
-        for delta in fold.feed(event):
-            out.append(delta.get("content", ""))
-    return "".join(out)
+def feed_all(acc: Accumulator, events: list[Any]) -> str:
+    return "".join(o.text for event in events for o in acc.feed(event) if isinstance(o, TextOut))
 
 
-def test_fold_streams_text_and_reasoning_and_keeps_usage() -> None:
-    fold = Fold("id", "m")
-    deltas = []
+def test_the_accumulator_streams_text_and_reasoning_and_keeps_usage() -> None:
+    acc = Accumulator()
+    outputs = []
     for event in [ThinkingDelta("a", "hmm"), TextDelta("a", "Hel"), TextDelta("a", "lo"),
                   TurnCompleted("completed", Usage(5, 2, 1, 0, 3))]:
-        deltas += fold.feed(event)
-    assert deltas == [{"reasoning_content": "hmm"}, {"content": "Hel"}, {"content": "lo"}]
-    assert fold.failure() is None
-    completion = fold.completion()
-    assert completion["choices"][0]["message"] == {
-        "role": "assistant", "content": "Hello", "refusal": None, "reasoning_content": "hmm"}
-    assert completion["usage"]["prompt_tokens"] == 6 and completion["usage"]["completion_tokens"] == 2
-    assert completion["usage"]["completion_tokens_details"]["reasoning_tokens"] == 3
+        outputs += acc.feed(event)
+    assert outputs == [ReasoningOut("hmm"), TextOut("Hel"), TextOut("lo")]
+    assert acc.failure() is None and acc.text == "Hello" and acc.reasoning == "hmm"
+    assert acc.usage == Usage(5, 2, 1, 0, 3)
 
 
 def test_retracted_text_replayed_by_a_retry_is_not_sent_twice() -> None:
-    fold = Fold("id", "m")
-    sent = feed_all(fold, [
+    acc = Accumulator()
+    sent = feed_all(acc, [
         TextDelta("a", "The ans"), Retracted("a"),
         TextDelta("a", "The "), TextDelta("a", "answer is 42."),
         TurnCompleted("completed"),
     ])
     assert sent == "The answer is 42."
-    assert fold.text == "The answer is 42."
+    assert acc.text == "The answer is 42."
 
 
 def test_the_final_text_drops_retracted_text_even_when_the_retry_differs() -> None:
-    fold = Fold("id", "m")
-    feed_all(fold, [TextDelta("a", "partial "), Retracted("a"), TextDelta("a", "Other answer.")])
-    assert fold.text == "Other answer."
+    acc = Accumulator()
+    feed_all(acc, [TextDelta("a", "partial "), Retracted("a"), TextDelta("a", "Other answer.")])
+    assert acc.text == "Other answer."
 
 
 def test_separate_assistant_messages_are_separated() -> None:
-    fold = Fold("id", "m")
-    assert feed_all(fold, [TextDelta("a", "Let me look."), TextDelta("b", "Found it.")]) == "Let me look.\n\nFound it."
+    acc = Accumulator()
+    assert feed_all(acc, [TextDelta("a", "Let me look."), TextDelta("b", "Found it.")]) == "Let me look.\n\nFound it."
 
 
 @pytest.mark.parametrize(
@@ -131,17 +132,33 @@ def test_separate_assistant_messages_are_separated() -> None:
      ("error", errors.UpstreamError, 502)],
 )
 def test_failed_turns_map_to_errors_carrying_droids_words(reason: str, kind: type, status: int) -> None:
-    fold = Fold("id", "m")
-    feed_all(fold, [TurnError("401 Invalid API key"), Notice("BYOK Error: details"), TurnCompleted(reason)])
-    failure = fold.failure()
+    acc = Accumulator()
+    feed_all(acc, [TurnError("401 Invalid API key"), Notice("BYOK Error: details"), TurnCompleted(reason)])
+    failure = acc.failure()
     assert isinstance(failure, kind) and failure.status == status
     assert "401 Invalid API key" in failure.message and "BYOK Error" in failure.message
-    assert failure.body()["error"]["code"] == f"droid_{reason}"
+    assert openai_chat.DIALECT.error_body(failure)[1]["error"]["code"] == f"droid_{reason}"
 
 
-def test_chunks_have_the_openai_shape() -> None:
-    fold = Fold("chatcmpl-x", "m")
-    chunk = fold.chunk({"content": "a"})
-    assert chunk["object"] == "chat.completion.chunk" and chunk["choices"][0]["finish_reason"] is None
-    usage = fold.usage_chunk()
-    assert usage["choices"] == [] and set(usage["usage"]) >= {"prompt_tokens", "completion_tokens", "total_tokens"}
+class _Turn:
+    turn_id = "x"
+    created = 1
+    request = TurnRequest("m", ())
+
+
+def test_chunks_and_completions_have_the_openai_shape() -> None:
+    encoder = openai_chat.ChatEncoder(_Turn(), Parsed(TurnRequest("m", ()), {"include_usage": True}))  # type: ignore[arg-type]
+    chunk = encoder.feed(TextOut("a"))[0].data
+    assert chunk["object"] == "chat.completion.chunk" and chunk["choices"][0]["finish_reason"] is None  # type: ignore[index]
+    assert chunk["id"] == "chatcmpl-x" and chunk["choices"][0]["delta"] == {"content": "a"}  # type: ignore[index]
+    assert encoder.feed(ReasoningOut("r"))[0].data["choices"][0]["delta"] == {"reasoning_content": "r"}  # type: ignore[index]
+    result = TurnResult("x", "s", "m", "Hello", "hmm", Usage(5, 2, 1, 0, 3), 1)
+    finish, usage, done = encoder.finish(result)
+    assert finish.data["choices"][0]["finish_reason"] == "stop"  # type: ignore[index]
+    assert usage.data["choices"] == [] and set(usage.data["usage"]) >= {"prompt_tokens", "completion_tokens", "total_tokens"}  # type: ignore[index]
+    assert done.data == "[DONE]"
+    completion = encoder.body(result)
+    assert completion["choices"][0]["message"] == {
+        "role": "assistant", "content": "Hello", "refusal": None, "reasoning_content": "hmm"}
+    assert completion["usage"]["prompt_tokens"] == 6 and completion["usage"]["completion_tokens"] == 2
+    assert completion["usage"]["completion_tokens_details"]["reasoning_tokens"] == 3

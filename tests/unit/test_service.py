@@ -48,7 +48,7 @@ def test_sigterm_stops_the_daemon_and_every_worker(tmp_path: Path) -> None:
     log = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
     events = [entry["event"] for entry in log]
     assert events.index("droidpool.listening") < events.index("droidpool.stopping") < events.index("droidpool.stopped")
-    summary = next(e for e in log if e["event"] == "chat.completion")
+    summary = next(e for e in log if e["event"] == "turn")
     assert summary["status"] == "ok" and summary["request_id"]
 
 

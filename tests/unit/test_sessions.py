@@ -15,10 +15,12 @@ import anyio
 import pytest
 from aiohttp.test_utils import TestClient
 
+from droidpool.core.access import PUBLIC
 from droidpool.droid.worker import Worker, WorkerState
 from droidpool.pool.pool import Pool
-from droidpool.store.sqlite import SessionStore
+from droidpool.store import SqliteStore
 from tests.unit import harness
+from tests.unit.harness import turn_row
 
 pytestmark = pytest.mark.anyio
 MODEL = "custom:fake-model"
@@ -415,7 +417,8 @@ async def test_the_session_list_pages(tmp_path: Path) -> None:
 
 
 async def test_a_failed_turns_usage_is_counted_without_moving_the_head(tmp_path: Path) -> None:
-    from droidpool.core.turns import ChatService, Outcome, Turn
+    from droidpool.core.model import TurnRequest
+    from droidpool.core.turns import Deadlines, Turn, TurnService
     from droidpool.droid.protocol import TurnCompleted, Usage
     from droidpool.droid.worker import SessionSettings
 
@@ -430,14 +433,18 @@ async def test_a_failed_turns_usage_is_counted_without_moving_the_head(tmp_path:
                 raise StopAsyncIteration
             return self.events.pop()
 
-    store = SessionStore(tmp_path / "s.db", 3600)
+    store = SqliteStore(tmp_path / "s.db", 3600)
     await store.open()
     await store.create("s", MODEL)
-    await store.complete_turn("s", MODEL, "head-1", Usage(3, 3, 0, 0, 0))
-    chat = ChatService(None, store, SessionSettings(), first_token_s=5, turn_s=5, interrupt_grace_s=1)  # type: ignore[arg-type]
-    turn = Turn("s", None, False, Events(), 5, 5, "head-1", (), Outcome())  # type: ignore[arg-type]
-    assert [e async for e in turn.events(1.0) if e is not None] != []
-    await chat._settle("s", turn.outcome)
+    await store.complete_turn(turn_row("s", MODEL, Usage(3, 3, 0, 0, 0)), "head-1")
+    service = TurnService(None, store, SessionSettings(), None)  # type: ignore[arg-type]
+    request = TurnRequest(MODEL, ())
+    turn = Turn("t", "s", None, False, request, Events(), Deadlines(5, 5, 1))  # type: ignore[arg-type]
+    with pytest.raises(Exception) as info:
+        async for _ in turn.outputs(1.0):
+            pass
+    assert getattr(info.value, "status", None) == 429 and turn.result is None
+    await service._settle("t", "s", request, PUBLIC, 0.0, turn.usage)
     record = await store.get("s")
     assert record is not None and record.head_digest == "head-1" and record.failed_turns == 1
     assert record.usage == Usage(10, 4, 0, 0, 2) and record.diverged

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from droidpool.cli import main
 from droidpool.droid.protocol import Usage
-from droidpool.store.sqlite import SessionStore
+from droidpool.store import SqliteStore
+from tests.unit.harness import turn_row
 
 TTL = 3600.0
 
@@ -29,11 +30,11 @@ def write_config(tmp_path: Path) -> Path:
 
 def fill_store(tmp_path: Path, live: list[str], expired: list[str]) -> None:
     async def fill() -> None:
-        store = SessionStore(tmp_path / "state" / "sessions.db", TTL)
+        store = SqliteStore(tmp_path / "state" / "sessions.db", TTL)
         await store.open()
         for session_id in live + expired:
             await store.create(session_id, "custom:m", conversation_key=f"key-{session_id}")
-            await store.complete_turn(session_id, "custom:m", f"head-{session_id}", Usage(3, 2, 0, 0, 0))
+            await store.complete_turn(turn_row(session_id, "custom:m", Usage(3, 2, 0, 0, 0)), f"head-{session_id}")
         for session_id in expired:
             store._conn().execute("UPDATE sessions SET updated_at = ? WHERE session_id = ?",
                                   (time.time() - 2 * TTL, session_id))

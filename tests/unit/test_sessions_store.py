@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from droidpool.droid.protocol import Usage
-from droidpool.store.sqlite import MIGRATIONS, SessionStore, UnknownCursor
+from droidpool.store import MIGRATIONS, SqliteStore, UnknownCursor
+from tests.unit.harness import turn_row
 
 pytestmark = pytest.mark.anyio
 
 
-async def opened(path: Path, ttl_s: float = 3600) -> SessionStore:
-    store = SessionStore(path, ttl_s)
+async def opened(path: Path, ttl_s: float = 3600) -> SqliteStore:
+    store = SqliteStore(path, ttl_s)
     await store.open()
     return store
 
@@ -36,7 +37,7 @@ async def test_a_v1_database_is_upgraded_in_place_and_keeps_every_mapping(tmp_pa
     assert (record.head_digest, record.turns, record.usage.input_tokens) == ("head-old", 3, 42)
     assert record.conversation_key is None and not record.diverged and not record.in_flight
     assert await store.find_head("head-old") == record  # a v1 session stays resumable statelessly
-    assert store._conn().execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
+    assert store._conn().execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 4
     assert record.owner == ""  # v1 and v2 sessions belong to the unauthenticated owner
     await store.close()
     again = await opened(path)  # opening an up-to-date file changes nothing
@@ -63,36 +64,36 @@ async def test_a_conversation_id_names_one_live_session(tmp_path: Path) -> None:
 async def test_only_a_clean_unnamed_session_is_matched_by_a_resend(tmp_path: Path) -> None:
     store = await opened(tmp_path / "s.db")
     await store.create("s", "m")
-    await store.complete_turn("s", "m", "h1", Usage(1, 1, 0, 0, 0))
+    await store.complete_turn(turn_row("s", "m", Usage(1, 1, 0, 0, 0)), "h1")
     assert (await store.find_head("h1")).session_id == "s"  # type: ignore[union-attr]
     # A turn is running (or droidpool died during one): droid may hold a message the head lacks.
     await store.begin_turn("s")
     assert await store.find_head("h1") is None
-    await store.complete_turn("s", "m", "h2", Usage(1, 1, 0, 0, 0))
+    await store.complete_turn(turn_row("s", "m", Usage(1, 1, 0, 0, 0)), "h2")
     assert (await store.find_head("h2")).session_id == "s"  # type: ignore[union-attr]
     # A failed turn keeps the head, adds its tokens, and takes the session off matching for good.
     await store.begin_turn("s")
-    await store.fail_turn("s", Usage(5, 0, 0, 0, 0))
+    await store.fail_turn(turn_row("s", "m", Usage(5, 0, 0, 0, 0)))
     record = await store.get("s")
     assert record is not None and record.head_digest == "h2" and record.diverged and record.failed_turns == 1
     assert record.usage.input_tokens == 7 and record.turns == 2
     assert await store.find_head("h2") is None
-    await store.complete_turn("s", "m", "h3", Usage())
+    await store.complete_turn(turn_row("s", "m", Usage()), "h3")
     assert await store.find_head("h3") is None
     # A crash mid-turn (begin without end) is remembered at the next turn's start.
     await store.create("c", "m")
-    await store.complete_turn("c", "m", "c1", Usage())
+    await store.complete_turn(turn_row("c", "m", Usage()), "c1")
     await store.begin_turn("c")
     await store.begin_turn("c")
-    await store.complete_turn("c", "m", "c2", Usage())
+    await store.complete_turn(turn_row("c", "m", Usage()), "c2")
     assert (await store.get("c")).diverged  # type: ignore[union-attr]
     # Named sessions and untouched forks are for their owners only.
     await store.create("n", "m", conversation_key="k")
-    await store.complete_turn("n", "m", "n1", Usage())
+    await store.complete_turn(turn_row("n", "m", Usage()), "n1")
     assert await store.find_head("n1") is None
     await store.create("f", "m", parent_id="x", head_digest="shared")
     assert await store.find_head("shared") is None
-    await store.complete_turn("f", "m", "f1", Usage())
+    await store.complete_turn(turn_row("f", "m", Usage()), "f1")
     assert (await store.find_head("f1")).session_id == "f"  # type: ignore[union-attr]
     await store.close()
 

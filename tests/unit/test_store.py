@@ -9,18 +9,19 @@ from pathlib import Path
 import pytest
 
 from droidpool.droid.protocol import Usage
-from droidpool.store.sqlite import MIGRATIONS, SessionStore
+from droidpool.store import MIGRATIONS, SqliteStore
+from tests.unit.harness import turn_row
 
 pytestmark = pytest.mark.anyio
 
 
 async def test_create_complete_find_and_usage_accumulate(tmp_path: Path) -> None:
-    store = SessionStore(tmp_path / "s.db", ttl_s=3600)
+    store = SqliteStore(tmp_path / "s.db", ttl_s=3600)
     await store.open()
     await store.create("s1", "m")
     assert (await store.get("s1")).turns == 0  # type: ignore[union-attr]
-    await store.complete_turn("s1", "m2", "head-1", Usage(3, 2, 1, 0, 4))
-    await store.complete_turn("s1", "m2", "head-2", Usage(1, 1, 0, 0, 0))
+    await store.complete_turn(turn_row("s1", "m2", Usage(3, 2, 1, 0, 4)), "head-1")
+    await store.complete_turn(turn_row("s1", "m2", Usage(1, 1, 0, 0, 0)), "head-2")
     record = await store.get("s1")
     assert record is not None and record.turns == 2 and record.model == "m2"
     assert record.usage == Usage(4, 3, 1, 0, 4)
@@ -28,7 +29,7 @@ async def test_create_complete_find_and_usage_accumulate(tmp_path: Path) -> None
     assert await store.find_head("head-1") is None
     await store.close()
     # Durable: a new store on the same file sees it, with WAL and FULL sync on.
-    reopened = SessionStore(tmp_path / "s.db", ttl_s=3600)
+    reopened = SqliteStore(tmp_path / "s.db", ttl_s=3600)
     await reopened.open()
     assert (await reopened.get("s1")) == record
     db = reopened._conn()
@@ -39,7 +40,7 @@ async def test_create_complete_find_and_usage_accumulate(tmp_path: Path) -> None
 
 
 async def test_expired_sessions_are_invisible_and_swept(tmp_path: Path) -> None:
-    store = SessionStore(tmp_path / "s.db", ttl_s=60)
+    store = SqliteStore(tmp_path / "s.db", ttl_s=60)
     await store.open()
     await store.create("old", "m")
     await store.create("new", "m")
@@ -55,11 +56,11 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     sqlite3.connect(path).execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     with pytest.raises(RuntimeError, match="newer"):
-        await SessionStore(path, 60).open()
+        await SqliteStore(path, 60).open()
 
 
 async def test_conversation_ids_and_listings_are_per_owner(tmp_path: Path) -> None:
-    store = SessionStore(tmp_path / "s.db", ttl_s=3600)
+    store = SqliteStore(tmp_path / "s.db", ttl_s=3600)
     await store.open()
     assert await store.create("a1", "m", conversation_key="chat", owner="alice")
     assert await store.create("b1", "m", conversation_key="chat", owner="bob")  # same id, other owner

@@ -1,0 +1,48 @@
+"""What every route shares: the app's typed keys, request keys, and reading and writing JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import orjson
+from aiohttp import web
+
+from droidpool import errors
+from droidpool.core.access import Authenticator, Principal
+from droidpool.core.turns import TurnService
+from droidpool.pool.pool import Pool
+from droidpool.store.base import SessionStore
+
+from .metrics import Metrics
+
+TURNS: web.AppKey[TurnService] = web.AppKey("turns", TurnService)
+POOL: web.AppKey[Pool] = web.AppKey("pool", Pool)
+STORE: web.AppKey[SessionStore] = web.AppKey("store")
+KEEPALIVE_S: web.AppKey[float] = web.AppKey("keepalive_s", float)
+BODY_TIMEOUT_S: web.AppKey[float] = web.AppKey("body_timeout_s", float)
+AUTH: web.AppKey[Authenticator] = web.AppKey("auth", Authenticator)
+METRICS: web.AppKey[Metrics | None] = web.AppKey("metrics")
+DEFAULT_AUTONOMY: web.AppKey[str] = web.AppKey("default_autonomy", str)
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
+PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+async def read_json(request: web.Request) -> Any:
+    try:
+        with anyio.fail_after(request.app[BODY_TIMEOUT_S]):
+            raw = await request.read()
+    except TimeoutError:
+        raise errors.RequestTimeout(
+            f"The request body did not arrive within {request.app[BODY_TIMEOUT_S]:g} s."
+        ) from None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise errors.InvalidRequest(f"The request body is not valid JSON: {exc}") from None

@@ -1,0 +1,51 @@
+"""Operations routes: health and readiness probes, Prometheus metrics, and the model list."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from droidpool import errors
+from droidpool.core.catalog import Listed
+
+from .context import METRICS, POOL, TURNS, json_response
+from .metrics import CONTENT_TYPE
+
+
+def openai_model(model: Listed) -> dict[str, Any]:
+    entry: dict[str, Any] = {"id": model.id, "object": "model", "created": 0, "owned_by": "droid"}
+    if model.alias_of is not None:
+        entry["droidpool"] = {"alias_of": model.alias_of}
+    return entry
+
+
+async def list_models(request: web.Request) -> web.Response:
+    data = [openai_model(m) for m in request.app[TURNS].catalog.listing()]
+    return json_response({"object": "list", "data": data})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    pool = request.app[POOL]
+    body: dict[str, Any] = {"ready": pool.ready, "workers": pool.counts(), "max_workers": pool.max_workers}
+    if not pool.ready:
+        body["cause"] = pool.last_spawn_error or "shutting down"
+    return json_response(body, 200 if pool.ready else 503)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    if metrics is None:
+        raise errors.NotFound("Metrics are not enabled.")
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_get("/metrics", metrics_endpoint)
+    router.add_get("/v1/models", list_models)
+    router.add_get("/healthz", healthz)
+    router.add_get("/readyz", readyz)

@@ -1,0 +1,122 @@
+"""The one turn handler every dialect's route uses: admit, run, stream or answer, log and measure."""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+from aiohttp import web
+
+from droidpool import errors
+from droidpool.core.access import access_for
+from droidpool.core.turns import Turn
+
+from .context import (
+    AUTH,
+    DEFAULT_AUTONOMY,
+    KEEPALIVE_S,
+    METRICS,
+    PRINCIPAL,
+    REQUEST_ID,
+    TURNS,
+    json_response,
+    read_json,
+)
+from .dialect import Dialect, Encoder, Parsed
+from .sse import SSE_HEADERS, SSEWriter
+
+log = structlog.get_logger(__name__)
+
+
+async def serve_turn(request: web.Request, dialect: Dialect) -> web.StreamResponse:
+    started = time.monotonic()
+    parsed = dialect.parse(await read_json(request), request.headers)
+    turn_request = parsed.turn
+    principal = request[PRINCIPAL]
+    service = request.app[TURNS]
+    if not principal.allows_model(service.catalog.alias(turn_request.model)):
+        raise errors.Forbidden(f"This API key may not use the model {turn_request.model!r}.",
+                               param="model", code="model_not_allowed")
+    access = access_for(principal, request.headers.get("X-Droid-Autonomy") or None, request.app[DEFAULT_AUTONOMY])
+    status, http_status = "ok", 200
+    turn: Turn | None = None
+    try:
+        with request.app[AUTH].admit(principal):
+            async with service.turn(turn_request, access) as turn:
+                encoder = dialect.encoder(turn, parsed)
+                if turn_request.stream:
+                    response, failure = await _stream(request, turn, encoder, parsed)
+                    if failure is not None:
+                        status, http_status = failure.kind, failure.status
+                    return response
+                try:
+                    async for _ in turn.outputs(request.app[KEEPALIVE_S]):
+                        pass
+                except errors.DroidpoolError as exc:
+                    exc.context_headers.update(_turn_headers(turn, parsed))
+                    raise
+                assert turn.result is not None
+                return json_response(encoder.body(turn.result), headers=_turn_headers(turn, parsed))
+    except errors.DroidpoolError as exc:
+        status, http_status = exc.kind, exc.status
+        raise
+    except ConnectionResetError:
+        status, http_status = "client_disconnected", 499
+        raise
+    finally:
+        usage = turn.usage if turn is not None else None
+        ttft = (turn.first_token_at - started) if turn is not None and turn.first_token_at else None
+        duration = time.monotonic() - started
+        metrics = request.app[METRICS]
+        if metrics is not None:
+            metrics.observe(status=http_status, stream=turn_request.stream, duration_s=duration, ttft_s=ttft,
+                            usage=usage, dialect=dialect.name)
+        log.info(
+            "turn",
+            dialect=dialect.name,
+            model=turn_request.model,
+            key=principal.name or None,
+            session=turn.session_id if turn else None,
+            turn=turn.turn_id if turn else None,
+            conversation=turn_request.conversation_key,
+            stream=turn_request.stream,
+            status=status,
+            http_status=http_status,
+            ttft_s=round(ttft, 4) if ttft is not None else None,
+            duration_s=round(duration, 4),
+            worker=turn.worker.id if turn else None,
+            input_tokens=usage.prompt_tokens if usage else 0,
+            output_tokens=usage.output_tokens if usage else 0,
+        )
+
+
+def _turn_headers(turn: Turn, parsed: Parsed) -> dict[str, str]:
+    headers = {"X-Session-Id": turn.session_id}
+    if parsed.turn.conversation_key is not None:
+        headers["X-Conversation-Id"] = parsed.turn.conversation_key
+    if parsed.turn.ignored:
+        headers["X-Droidpool-Ignored-Params"] = ",".join(parsed.turn.ignored)
+    return headers
+
+
+async def _stream(
+    request: web.Request, turn: Turn, encoder: Encoder, parsed: Parsed
+) -> tuple[web.StreamResponse, errors.DroidpoolError | None]:
+    """Stream the turn; a failure after the 200 goes in-band, and is returned for the log."""
+    response = web.StreamResponse(headers={**SSE_HEADERS, **_turn_headers(turn, parsed)})
+    response.headers["X-Request-Id"] = request[REQUEST_ID]
+    await response.prepare(request)
+    sse = SSEWriter(response)
+    await sse.send(encoder.start())
+    failure: errors.DroidpoolError | None = None
+    try:
+        async for output in turn.outputs(request.app[KEEPALIVE_S]):
+            await sse.send(encoder.keepalive() if output is None else encoder.feed(output))
+        assert turn.result is not None
+        await sse.send(encoder.finish(turn.result))
+    except errors.DroidpoolError as exc:
+        # The 200 is already sent: the error goes in-band and the stream ends as the dialect ends one.
+        failure = exc
+        await sse.send(encoder.failed(exc))
+    await response.write_eof()
+    return response, failure

@@ -1,0 +1,141 @@
+"""The neutral turn: what a client asks of droid, and what comes back, whatever the wire dialect."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from droidpool.droid.protocol import Usage
+
+Role = Literal["user", "assistant", "tool"]
+Dialect = Literal["openai", "anthropic", "responses"]
+StopReason = Literal["end_turn", "tool_calls"]
+
+
+# --- content: what a message holds --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """The assistant asked the client to run a tool; ``arguments`` is JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    """The client's answer to a tool call."""
+
+    call_id: str
+    content: str
+    is_error: bool = False
+
+
+Part = Text | ToolCall | ToolResult
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One message of a conversation; the system prompt is not a message (``TurnRequest.system``)."""
+
+    role: Role
+    parts: tuple[Part, ...]
+
+    @classmethod
+    def of(cls, role: Role, text: str) -> Message:
+        return cls(role, (Text(text),))
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.parts if isinstance(p, Text))
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A tool the client defines: a name, what it does, and a JSON schema of its arguments."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+# --- the request ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """One turn a client asks for, parsed from any dialect.
+
+    The session it continues is named by ``session_id``, else ``previous_turn_id`` (the turn
+    whose state it continues), else ``conversation_key``; else the resent history decides.
+    """
+
+    model: str
+    messages: tuple[Message, ...]
+    system: str = ""
+    stream: bool = False
+    reasoning_effort: str | None = None
+    session_id: str | None = None
+    conversation_key: str | None = None
+    previous_turn_id: str | None = None
+    keep_output: bool = False  # store the output so it can be fetched again by its turn id
+    tools: tuple[ToolSpec, ...] = ()
+    dialect: Dialect = "openai"
+    ignored: tuple[str, ...] = ()  # accepted parameters that have no effect, for the client to see
+
+
+# --- the answer -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TextOut:
+    """Answer text to send now (already free of retracted text a retry repeated)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningOut:
+    """Thinking text to send now."""
+
+    text: str
+
+
+Output = TextOut | ReasoningOut
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """A completed turn, as recorded: what every dialect's final response is built from."""
+
+    turn_id: str
+    session_id: str
+    model: str  # the name the client asked for
+    text: str
+    reasoning: str
+    usage: Usage
+    created: int  # Unix time the turn started
+    stop: StopReason = "end_turn"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "turn_id": self.turn_id, "session_id": self.session_id, "model": self.model,
+            "text": self.text, "reasoning": self.reasoning, "created": self.created, "stop": self.stop,
+            "usage": self.usage.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TurnResult:
+        return cls(
+            str(data["turn_id"]), str(data["session_id"]), str(data["model"]), str(data["text"]),
+            str(data.get("reasoning", "")), Usage.from_json(data.get("usage") or {}),
+            int(data.get("created", 0)), data.get("stop", "end_turn"),
+        )

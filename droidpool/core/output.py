@@ -1,0 +1,121 @@
+"""One turn's droid events folded into neutral outputs: text and reasoning, retraction replay, failure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from droidpool import errors
+from droidpool.droid.protocol import (
+    Notice,
+    Retracted,
+    Retrying,
+    TextDelta,
+    ThinkingDelta,
+    TurnCompleted,
+    TurnError,
+    TurnEvent,
+    Usage,
+)
+
+from .model import Output, ReasoningOut, TextOut
+
+# agent_turn_completed reasons for failed turns → the error a client sees.
+_FAILURES: dict[str, type[errors.DroidpoolError]] = {
+    "model_rate_limited": errors.Overloaded,
+    "model_provider_unreachable": errors.UpstreamError,
+    "model_provider_unavailable": errors.UpstreamError,
+    "model_authentication_failed": errors.UpstreamError,
+}
+
+MESSAGE_SEPARATOR = "\n\n"  # between the texts of a turn's assistant messages
+
+
+@dataclass
+class _MessageText:
+    text: str = ""  # droid's current text for the message; a retraction empties it
+    sent: str = ""  # what a streaming client has been given for it
+    replay: int | None = None  # after a retraction: how much of ``sent`` the retry has re-sent
+
+
+@dataclass
+class Accumulator:
+    """Folds one turn's events into outputs to send now and, at the end, the turn's result.
+
+    Streaming and non-streaming answers in every dialect come from this fold. Retracted text
+    that droid re-streams on a retry is matched against what was already sent, so a streaming
+    client never receives it twice; the final ``text`` is droid's text after its last
+    retraction. A retry that says something else than the retracted text cannot be unsent
+    from a stream: the stream then carries both.
+    """
+
+    reasoning_parts: list[str] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+    completed: TurnCompleted | None = None
+    problems: list[str] = field(default_factory=list)
+    _messages: dict[str, _MessageText] = field(default_factory=dict)
+    _last_message: str | None = None
+
+    def feed(self, event: TurnEvent) -> list[Output]:
+        """What to send the client for ``event``."""
+        if isinstance(event, TextDelta):
+            text = self._fresh_text(event.message_id, event.text)
+            return [TextOut(text)] if text else []
+        if isinstance(event, ThinkingDelta):
+            if not event.text:
+                return []
+            self.reasoning_parts.append(event.text)
+            return [ReasoningOut(event.text)]
+        if isinstance(event, Retracted):
+            state = self._messages.get(event.message_id)
+            if state is not None:
+                state.text = ""
+                state.replay = 0
+            return []
+        if isinstance(event, TurnError | Notice):
+            text = event.message if isinstance(event, TurnError) else event.text
+            if text and text not in self.problems:
+                self.problems.append(text)
+            return []
+        if isinstance(event, TurnCompleted):
+            self.completed = event
+            self.usage = event.usage
+            return []
+        assert isinstance(event, Retrying)
+        return []
+
+    def _fresh_text(self, message_id: str, text: str) -> str:
+        state = self._messages.setdefault(message_id, _MessageText())
+        state.text += text
+        separator = ""
+        if self._last_message is not None and self._last_message != message_id and not state.sent:
+            separator = MESSAGE_SEPARATOR
+        self._last_message = message_id
+        if state.replay is not None:
+            already = state.sent[state.replay :]
+            common = 0
+            while common < min(len(already), len(text)) and already[common] == text[common]:
+                common += 1
+            state.replay += common
+            if common == len(text):
+                return ""
+            # The retry diverges from, or runs past, what was sent: send only what is new.
+            state.replay = None
+            text = text[common:]
+        state.sent += text
+        return separator + text
+
+    @property
+    def text(self) -> str:
+        return MESSAGE_SEPARATOR.join(m.text for m in self._messages.values() if m.text)
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self.reasoning_parts)
+
+    def failure(self) -> errors.DroidpoolError | None:
+        """The error to report if the turn failed (None when it completed)."""
+        reason = self.completed.reason if self.completed else "incomplete"
+        if reason == "completed":
+            return None
+        detail = "; ".join(self.problems) or f"droid ended the turn: {reason}"
+        return _FAILURES.get(reason, errors.UpstreamError)(detail, code=f"droid_{reason}")

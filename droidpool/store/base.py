@@ -1,0 +1,127 @@
+"""The store's contract: session and turn records, and the operations every backend provides."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from droidpool.droid.protocol import Usage
+
+MAX_LIST_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    session_id: str
+    model: str
+    head_digest: str | None
+    created_at: float
+    updated_at: float
+    turns: int
+    usage: Usage
+    conversation_key: str | None = None
+    parent_id: str | None = None
+    in_flight: bool = False  # a turn started and has not been recorded (yet, or ever: a crash)
+    diverged: bool = False  # droid's history holds a turn the client never saw completed
+    failed_turns: int = 0
+    owner: str = ""  # the API key's name that created it; "" without authentication
+    last_turn_id: str | None = None  # the session's latest completed turn
+
+    @property
+    def matchable(self) -> bool:
+        """May a stateless resend continue this session? Only if its droid history is exactly
+        the client-visible one, nobody named it, and it is not an untouched fork."""
+        return (
+            self.head_digest is not None
+            and not self.in_flight
+            and not self.diverged
+            and self.conversation_key is None
+            and not (self.parent_id is not None and self.turns == 0)
+        )
+
+    def public(self, ttl_s: float | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": self.session_id,
+            "object": "droidpool.session",
+            "model": self.model,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "turns": self.turns,
+            "failed_turns": self.failed_turns,
+            "conversation_id": self.conversation_key,
+            "parent_id": self.parent_id,
+            "in_flight": self.in_flight,
+            "diverged": self.diverged,
+            "usage": self.usage.to_json(),
+        }
+        if ttl_s is not None:
+            body["expires_at"] = self.updated_at + ttl_s
+        return body
+
+
+@dataclass(frozen=True)
+class TurnRow:
+    """One turn that reached droid, completed or failed: its usage, and its output if kept."""
+
+    turn_id: str
+    session_id: str
+    model: str
+    usage: Usage
+    started_at: float
+    owner: str = ""
+    dialect: str = "openai"
+    output: Mapping[str, Any] | None = field(default=None, compare=False)  # kept for retrieval
+    status: str = "completed"  # completed | failed
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of the session list, newest update first."""
+
+    records: list[SessionRecord]
+    has_more: bool
+
+
+class UnknownCursor(LookupError):
+    """A list's ``after`` names no session."""
+
+
+class SessionStore(Protocol):
+    """What the core needs from a store; one contract-test suite runs against every backend."""
+
+    ttl_s: float
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+
+    # reads
+    async def get(self, session_id: str) -> SessionRecord | None: ...
+    async def by_key(self, key: str, owner: str = "") -> SessionRecord | None: ...
+    async def find_head(self, digest: str) -> SessionRecord | None: ...
+    async def page(
+        self, limit: int = 100, after: str | None = None, *, expired: bool = False, owner: str | None = None
+    ) -> Page: ...
+    async def all_ids(self) -> dict[str, bool]: ...
+    async def get_turn(self, turn_id: str, owner: str) -> TurnRow | None: ...
+
+    # writes
+    async def create(
+        self,
+        session_id: str,
+        model: str,
+        *,
+        conversation_key: str | None = None,
+        parent_id: str | None = None,
+        head_digest: str | None = None,
+        in_flight: bool = False,
+        diverged: bool = False,
+        owner: str = "",
+    ) -> bool: ...
+    async def bind_key(self, session_id: str, key: str, owner: str = "") -> bool: ...
+    async def begin_turn(self, session_id: str) -> None: ...
+    async def complete_turn(self, turn: TurnRow, head_digest: str) -> None: ...
+    async def fail_turn(self, turn: TurnRow) -> None: ...
+    async def forget_output(self, turn_id: str, owner: str) -> bool: ...
+    async def delete(self, session_id: str) -> bool: ...
+    async def sweep(self) -> int: ...
