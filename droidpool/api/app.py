@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio.to_thread
 import structlog
 from aiohttp import web
 
@@ -15,7 +16,7 @@ from droidpool.core.turns import TurnService
 from droidpool.pool.pool import Pool
 from droidpool.store.base import SessionStore
 
-from . import ops, sessions
+from . import anthropic, ops, responses, sessions
 from .context import (
     AUTH,
     BODY_TIMEOUT_S,
@@ -28,6 +29,7 @@ from .context import (
     STORE,
     TURNS,
     json_response,
+    read_json,
 )
 from .dialect import Dialect
 from .metrics import Metrics
@@ -50,9 +52,18 @@ _HTTP_ERRORS: dict[int, type[errors.DroidpoolError]] = {
 }
 
 
+def speaks_anthropic(request: web.Request) -> bool:
+    """Is the caller an Anthropic client? Its routes, or on shared routes its version header."""
+    if request.path.startswith("/v1/messages"):
+        return True
+    return "anthropic-version" in request.headers and not request.path.startswith(("/v1/chat/", "/v1/responses"))
+
+
 def error_body_for(request: web.Request) -> ErrorBody:
     """The caller's error envelope: by route, and for shared routes by the client's headers."""
-    return openai_error_body
+    if request.path.startswith("/v1/responses"):
+        return responses.error_body
+    return anthropic.error_body if speaks_anthropic(request) else openai_error_body
 
 
 def error_response(request: web.Request, error: errors.DroidpoolError) -> web.Response:
@@ -84,6 +95,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             response = error_response(request, errors.InternalError("Internal error; see the droidpool log."))
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id
+            response.headers["request-id"] = request_id  # where Anthropic's SDK looks for it
         return response
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
@@ -108,6 +120,37 @@ def turn_route(dialect: Dialect) -> Handler:
     return handle
 
 
+async def count_tokens(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    # Off the event loop: a large context takes milliseconds to tokenize.
+    return json_response(await anyio.to_thread.run_sync(anthropic.count_tokens, body))
+
+
+async def list_models(request: web.Request) -> web.Response:
+    listing = request.app[TURNS].catalog.listing()
+    if "anthropic-version" in request.headers or "x-api-key" in request.headers:
+        return json_response(anthropic.models_page(listing, request.query))
+    return json_response({"object": "list", "data": [ops.openai_model(m) for m in listing]})
+
+
+async def get_response(request: web.Request) -> web.Response:
+    response_id = request.match_info["response_id"]
+    turn = await request.app[STORE].get_turn(responses.turn_id_of(response_id, "response_id"),
+                                             request[PRINCIPAL].name)
+    if turn is None or turn.output is None:
+        raise errors.ResponseNotFound(f"No response {response_id!r} (unknown, not stored, deleted or expired).",
+                                      param="response_id")
+    return json_response(responses.stored(turn.output))
+
+
+async def delete_response(request: web.Request) -> web.Response:
+    response_id = request.match_info["response_id"]
+    turn_id = responses.turn_id_of(response_id, "response_id")
+    if not await request.app[STORE].forget_output(turn_id, request[PRINCIPAL].name):
+        raise errors.ResponseNotFound(f"No response {response_id!r}.", param="response_id")
+    return json_response({"id": response_id, "object": "response", "deleted": True})
+
+
 def build_app(
     turns: TurnService,
     pool: Pool,
@@ -130,6 +173,12 @@ def build_app(
     app[METRICS] = metrics
     app[DEFAULT_AUTONOMY] = default_autonomy
     app.router.add_post("/v1/chat/completions", turn_route(CHAT))
+    app.router.add_post("/v1/messages", turn_route(anthropic.DIALECT))
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/responses", turn_route(responses.DIALECT))
+    app.router.add_get("/v1/responses/{response_id}", get_response)
+    app.router.add_delete("/v1/responses/{response_id}", delete_response)
     ops.add_routes(app.router)
     sessions.add_routes(app.router)
     return app

@@ -9,7 +9,7 @@ from aiohttp import web
 from droidpool import errors
 from droidpool.core.catalog import Listed
 
-from .context import METRICS, POOL, TURNS, json_response
+from .context import METRICS, POOL, json_response
 from .metrics import CONTENT_TYPE
 
 
@@ -18,11 +18,6 @@ def openai_model(model: Listed) -> dict[str, Any]:
     if model.alias_of is not None:
         entry["droidpool"] = {"alias_of": model.alias_of}
     return entry
-
-
-async def list_models(request: web.Request) -> web.Response:
-    data = [openai_model(m) for m in request.app[TURNS].catalog.listing()]
-    return json_response({"object": "list", "data": data})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -46,6 +41,5 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/metrics", metrics_endpoint)
-    router.add_get("/v1/models", list_models)
     router.add_get("/healthz", healthz)
     router.add_get("/readyz", readyz)

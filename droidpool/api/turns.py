@@ -104,7 +104,7 @@ async def _stream(
 ) -> tuple[web.StreamResponse, errors.DroidpoolError | None]:
     """Stream the turn; a failure after the 200 goes in-band, and is returned for the log."""
     response = web.StreamResponse(headers={**SSE_HEADERS, **_turn_headers(turn, parsed)})
-    response.headers["X-Request-Id"] = request[REQUEST_ID]
+    response.headers["X-Request-Id"] = response.headers["request-id"] = request[REQUEST_ID]
     await response.prepare(request)
     sse = SSEWriter(response)
     await sse.send(encoder.start())

@@ -78,19 +78,30 @@ class Catalog:
 
     def resolve(self, name: str, reasoning_effort: str | None = None) -> str:
         """droid's id for a client's model name, or ModelNotFound; checks the reasoning effort."""
+        return self.resolve_with_effort(name, reasoning_effort)[0]
+
+    def resolve_with_effort(
+        self, name: str, reasoning_effort: str | None = None, *, exact: bool = True
+    ) -> tuple[str, str | None]:
+        """droid's id for a client's model name, and the effort to ask droid for.
+
+        An ``exact`` effort the model does not support is a 400; an inexact one (derived from
+        a thinking budget) becomes the nearest effort the model supports, or none."""
         known = {m["id"]: m for m in self.models()}
         target = self.alias(name)
         if not known:
-            return target  # nothing known yet (no worker has answered): droid will judge
+            return target, reasoning_effort  # nothing known yet (no worker has answered): droid will judge
         model_id = self._droid_id(target, known, asked=name)
         supported = known[model_id].get("supportedReasoningEfforts") if model_id in known else None
         if reasoning_effort and isinstance(supported, list) and reasoning_effort not in supported:
+            if not exact:
+                return model_id, nearest_effort(reasoning_effort, [str(e) for e in supported])
             raise errors.InvalidRequest(
                 f"{name} supports reasoning effort {', '.join(map(str, supported))}; "
                 f"got {reasoning_effort!r}.",
                 param="reasoning_effort",
             )
-        return model_id
+        return model_id, reasoning_effort
 
     def _droid_id(self, target: str, known: Mapping[str, Mapping[str, Any]], asked: str | None = None) -> str:
         if target in known:
@@ -109,6 +120,19 @@ class Catalog:
             f"available: {', '.join(sorted(known))}.",
             param="model",
         )
+
+
+# droid's efforts from least to most thinking; "dynamic" lets the model decide.
+EFFORT_ORDER = ("none", "off", "minimal", "low", "medium", "high", "xhigh", "max")
+
+
+def nearest_effort(wanted: str, supported: Sequence[str]) -> str | None:
+    """The supported effort closest to ``wanted`` (ties go to the smaller one); None if none fits."""
+    ranked = [e for e in supported if e in EFFORT_ORDER]
+    if wanted not in EFFORT_ORDER or not ranked:
+        return "dynamic" if "dynamic" in supported else None
+    rank = EFFORT_ORDER.index(wanted)
+    return min(ranked, key=lambda e: (abs(EFFORT_ORDER.index(e) - rank), EFFORT_ORDER.index(e)))
 
 
 def _is_glob(name: str) -> bool:

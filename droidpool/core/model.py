@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from droidpool.droid.protocol import Usage
 
-Role = Literal["user", "assistant", "tool"]
+Role = Literal["user", "assistant", "tool", "system"]  # system: a note mid-conversation
 Dialect = Literal["openai", "anthropic", "responses"]
 StopReason = Literal["end_turn", "tool_calls"]
 
@@ -83,6 +83,9 @@ class TurnRequest:
     system: str = ""
     stream: bool = False
     reasoning_effort: str | None = None
+    # False when the effort is derived from something else (Anthropic's thinking budget): then
+    # a model that lacks it gets its nearest supported effort instead of a 400.
+    effort_is_exact: bool = True
     session_id: str | None = None
     conversation_key: str | None = None
     previous_turn_id: str | None = None
@@ -90,6 +93,7 @@ class TurnRequest:
     tools: tuple[ToolSpec, ...] = ()
     dialect: Dialect = "openai"
     ignored: tuple[str, ...] = ()  # accepted parameters that have no effect, for the client to see
+    echo: Mapping[str, Any] = field(default_factory=dict)  # dialect data kept with a kept output
 
 
 # --- the answer -------------------------------------------------------------------------------------

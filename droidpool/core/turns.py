@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -133,7 +134,10 @@ class TurnService:
         Leaving the block before the turn completes interrupts it; a turn that reached droid
         and was not recorded counts as failed (``store.fail_turn``).
         """
-        model_id = self.catalog.resolve(request.model, request.reasoning_effort)
+        model_id, effort = self.catalog.resolve_with_effort(
+            request.model, request.reasoning_effort, exact=request.effort_is_exact)
+        if effort != request.reasoning_effort:
+            request = dataclasses.replace(request, reasoning_effort=effort)
         split = conversation.split(request.messages)
         # Each owner's stateless histories live in their own digest space.
         seed = conversation.seed(request.system, namespace=access.owner)
@@ -188,8 +192,9 @@ class TurnService:
         result = TurnResult(turn.turn_id, turn.session_id, turn.request.model, acc.text, acc.reasoning,
                             acc.usage, turn.created)
         head = conversation.extend(base, (*sent, Message.of("assistant", acc.text)))
+        kept = {"result": result.to_json(), "echo": dict(turn.request.echo)} if turn.request.keep_output else None
         row = TurnRow(turn.turn_id, turn.session_id, turn.request.model, acc.usage, started_at, access.owner,
-                      turn.request.dialect, result.to_json() if turn.request.keep_output else None)
+                      turn.request.dialect, kept)
         with anyio.CancelScope(shield=True):
             await self.store.complete_turn(row, head)
         return result
@@ -295,12 +300,12 @@ class TurnService:
         if previous is not None:
             record = await self._lock(previous.session_id, stack, lambda r: r.owner == owner)
         if previous is None or record is None:
-            raise errors.ResponseNotFound(f"No stored response {turn_id!r} to continue (unknown, "
-                                          "not stored, deleted or expired).", param="previous_turn")
+            raise errors.ResponseNotFound("No stored response to continue from (unknown, not stored, deleted "
+                                          "or expired).", param="previous_turn")
         if record.last_turn_id != turn_id:
             raise errors.Conflict(
-                f"Response {turn_id!r} is not the latest of its conversation; continue from the "
-                f"latest one ({record.last_turn_id!r}) or resend the history.",
+                "That response is not the latest of its conversation: continue from the latest one, "
+                "or resend the history.",
                 param="previous_turn", code="response_not_latest",
             )
         if key is not None and record.conversation_key != key:

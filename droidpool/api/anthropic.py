@@ -1,0 +1,372 @@
+"""Anthropic Messages: request parsing, message events and bodies, Anthropic's error envelope."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from droidpool import errors
+from droidpool.core import tokens
+from droidpool.core.catalog import Listed
+from droidpool.core.model import (
+    Message,
+    Output,
+    Part,
+    ReasoningOut,
+    Role,
+    Text,
+    TextOut,
+    ToolCall,
+    ToolResult,
+    TurnRequest,
+    TurnResult,
+)
+from droidpool.core.turns import Turn
+from droidpool.droid.protocol import Usage
+
+from .dialect import (
+    OWN_PARAMS,
+    Dialect,
+    Event,
+    Parsed,
+    conversation_key,
+    header_effort,
+    optional,
+    session_id,
+)
+
+# Accepted and ignored: droid (or the upstream behind it) decides these.
+IGNORED_PARAMS = frozenset({
+    "max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "metadata", "tools",
+    "service_tier", "container", "mcp_servers", "context_management",
+})
+KNOWN_PARAMS = frozenset({"model", "messages", "system", "stream", "thinking", "tool_choice", "output_config"}) \
+    | IGNORED_PARAMS | OWN_PARAMS
+# Claude Code's first system block changes per build and names no instruction: it is dropped,
+# so that it neither reaches droid nor breaks the match of a resent conversation.
+BILLING_HEADER = "x-anthropic-billing-header:"
+
+# Thinking budget (tokens) → droid reasoning effort: the first bound the budget fits under.
+THINKING_EFFORTS = ((2048, "low"), (8192, "medium"), (32768, "high"))
+THINKING_ABOVE = "max"
+
+
+def thinking_effort(thinking: Any) -> str | None:
+    """droid's effort for Anthropic's ``thinking``: disabled → none set; enabled → by budget;
+    adaptive → dynamic."""
+    if thinking is None:
+        return None
+    if not isinstance(thinking, Mapping) or thinking.get("type") not in ("enabled", "disabled", "adaptive"):
+        raise errors.InvalidRequest("'thinking.type' must be enabled, disabled or adaptive.", param="thinking")
+    kind = thinking["type"]
+    if kind == "disabled":
+        return None
+    if kind == "adaptive":
+        return "dynamic"
+    budget = thinking.get("budget_tokens")
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1024:
+        raise errors.InvalidRequest("'thinking.budget_tokens' must be an integer of at least 1024.",
+                                    param="thinking.budget_tokens")
+    return next((effort for bound, effort in THINKING_EFFORTS if budget <= bound), THINKING_ABOVE)
+
+
+def output_effort(config: Any) -> str | None:
+    """``output_config.effort`` (low, medium, high, max), as Claude Code sends it."""
+    if config is None:
+        return None
+    if not isinstance(config, Mapping):
+        raise errors.InvalidRequest("output_config: must be an object.", param="output_config")
+    effort = config.get("effort")
+    if effort is None:
+        return None
+    if effort not in ("low", "medium", "high", "max"):
+        raise errors.InvalidRequest("output_config.effort: must be low, medium, high or max.",
+                                    param="output_config.effort")
+    return str(effort)
+
+
+def parse(body: Any, headers: Mapping[str, str]) -> Parsed:
+    if not isinstance(body, Mapping):
+        raise errors.InvalidRequest("The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise errors.InvalidRequest("model: Field required (a non-empty string).", param="model")
+    max_tokens = body.get("max_tokens")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise errors.InvalidRequest("max_tokens: Field required (a positive integer).", param="max_tokens")
+    system = _system(body.get("system"))
+    messages = _messages(body.get("messages"))
+    stream = optional(body, "stream", bool, False)
+    effort = output_effort(body.get("output_config")) or thinking_effort(body.get("thinking"))
+    exact = False
+    if effort is None:
+        effort, exact = header_effort(headers), True
+    tool_choice = body.get("tool_choice")
+    if tool_choice is not None and not (isinstance(tool_choice, Mapping) and tool_choice.get("type") in ("auto", "none")):
+        raise errors.InvalidRequest("Only tool_choice auto or none is supported: droid runs its own tools.",
+                                    param="tool_choice")
+    ignored = tuple(sorted(k for k in body if k in IGNORED_PARAMS or k not in KNOWN_PARAMS))
+    request = TurnRequest(
+        model=model.strip(), messages=messages, system=system, stream=stream, reasoning_effort=effort,
+        effort_is_exact=exact, session_id=session_id(body, headers),
+        conversation_key=conversation_key(body, headers), dialect="anthropic", ignored=ignored,
+    )
+    return Parsed(request)
+
+
+def _system(raw: Any) -> str:
+    if raw is None:
+        return ""
+    if isinstance(raw, str):
+        return raw
+    if isinstance(raw, list):
+        texts = []
+        for index, block in enumerate(raw):
+            if not isinstance(block, Mapping) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+                raise errors.InvalidRequest(f"system[{index}]: system blocks must be text blocks.",
+                                            param=f"system[{index}]")
+            if not block["text"].startswith(BILLING_HEADER):
+                texts.append(block["text"])
+        return "\n\n".join(texts)
+    raise errors.InvalidRequest("system: must be a string or an array of text blocks.", param="system")
+
+
+def _messages(raw: Any, user_last: bool = True) -> tuple[Message, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise errors.InvalidRequest("messages: must be a non-empty array.", param="messages")
+    out: list[Message] = []
+    for index, message in enumerate(raw):
+        param = f"messages[{index}]"
+        if not isinstance(message, Mapping):
+            raise errors.InvalidRequest(f"{param}: must be an object.", param=param)
+        role = message.get("role")
+        if role not in ("user", "assistant", "system"):  # Claude Code sends system notes mid-conversation
+            raise errors.InvalidRequest(f"{param}.role: must be user or assistant.", param=f"{param}.role")
+        neutral: Role = role
+        out.append(Message(neutral, _content(message.get("content"), f"{param}.content", role)))
+    last = out[-1]
+    if user_last and last.role == "assistant":
+        raise errors.InvalidRequest(
+            "The last message must be from the user: droid cannot continue a prefilled assistant turn.",
+            param=f"messages[{len(out) - 1}].role",
+        )
+    return tuple(out)
+
+
+def _content(content: Any, param: str, role: str) -> tuple[Part, ...]:
+    if isinstance(content, str):
+        return (Text(content),)
+    if not isinstance(content, list):
+        raise errors.InvalidRequest(f"{param}: must be a string or an array of content blocks.", param=param)
+    parts: list[Part] = []
+    for index, block in enumerate(content):
+        where = f"{param}[{index}]"
+        kind = block.get("type") if isinstance(block, Mapping) else None
+        if not isinstance(kind, str):
+            raise errors.InvalidRequest(f"{where}: must be a content block with a type.", param=where)
+        assert isinstance(block, Mapping)
+        if kind == "text":
+            if not isinstance(block.get("text"), str):
+                raise errors.InvalidRequest(f"{where}.text: must be a string.", param=where)
+            parts.append(Text(block["text"]))
+        elif kind in ("thinking", "redacted_thinking"):
+            continue  # droid keeps its own reasoning; a client's copy is accepted and not resent
+        elif kind == "tool_use" and role == "assistant":
+            if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+                raise errors.InvalidRequest(f"{where}: tool_use needs an id and a name.", param=where)
+            parts.append(ToolCall(block["id"], block["name"], orjson.dumps(block.get("input") or {}).decode()))
+        elif kind == "tool_result" and role != "assistant":
+            if not isinstance(block.get("tool_use_id"), str):
+                raise errors.InvalidRequest(f"{where}.tool_use_id: must be a string.", param=where)
+            parts.append(ToolResult(block["tool_use_id"], _result_text(block.get("content"), where),
+                                    bool(block.get("is_error"))))
+        elif kind in ("image", "document"):
+            raise errors.InvalidRequest(f"{where}: {kind} blocks are not supported yet; send text.", param=where)
+        else:
+            raise errors.InvalidRequest(f"{where}: content block type {kind!r} is not supported.", param=where)
+    return tuple(parts)
+
+
+def _result_text(content: Any, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for block in content:
+            if isinstance(block, Mapping) and block.get("type") == "text" and isinstance(block.get("text"), str):
+                texts.append(block["text"])
+            elif isinstance(block, Mapping) and block.get("type") == "tool_reference":
+                texts.append(f"[tool reference: {block.get('tool_name', '')}]")
+            else:
+                raise errors.InvalidRequest(f"{where}.content: only text is supported in tool results.",
+                                            param=where)
+        return "\n".join(texts)
+    raise errors.InvalidRequest(f"{where}.content: must be a string or an array of text blocks.", param=where)
+
+
+def count_tokens(body: Any) -> dict[str, Any]:
+    """``POST /v1/messages/count_tokens``: an estimate from Anthropic's published tokenizer."""
+    if not isinstance(body, Mapping):
+        raise errors.InvalidRequest("The request body must be a JSON object.")
+    if not isinstance(body.get("model"), str) or not body["model"].strip():
+        raise errors.InvalidRequest("model: Field required (a non-empty string).", param="model")
+    tools = body.get("tools") or []
+    if not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools):
+        raise errors.InvalidRequest("tools: must be an array of tool definitions.", param="tools")
+    messages = _messages(body.get("messages"), user_last=False)
+    return {"input_tokens": tokens.estimate(_system(body.get("system")), messages, tools)}
+
+
+def models_page(listing: list[Listed], query: Mapping[str, str]) -> dict[str, Any]:
+    """``GET /v1/models`` in Anthropic's shape, paged by ``limit``, ``after_id`` and ``before_id``."""
+    try:
+        limit = int(query.get("limit", "20"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 1000:
+        raise errors.InvalidRequest("limit: must be an integer from 1 to 1000.", param="limit")
+    ids = [m.id for m in listing]
+    start, end = 0, len(listing)
+    for param in ("after_id", "before_id"):
+        anchor = query.get(param)
+        if anchor is not None and anchor not in ids:
+            raise errors.InvalidRequest(f"{param}: no model {anchor!r}.", param=param)
+    if "after_id" in query:
+        start = ids.index(query["after_id"]) + 1
+    if "before_id" in query:
+        end = ids.index(query["before_id"])
+        start = max(start, end - limit)
+    page = listing[start:end][:limit]
+    data = [{"type": "model", "id": m.id, "display_name": str(m.info.get("displayName") or m.id),
+             "created_at": "1970-01-01T00:00:00Z"} for m in page]
+    return {"data": data, "has_more": start + len(page) < end,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
+# --- outputs → message events ---------------------------------------------------------------------
+
+
+def usage_body(usage: Usage) -> dict[str, int]:
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cache_creation_input_tokens": usage.cache_creation_tokens,
+        "cache_read_input_tokens": usage.cache_read_tokens,
+    }
+
+
+def signature(turn_id: str, thinking: str) -> str:
+    """An opaque signature for a thinking block (clients must send one back; droid never reads it)."""
+    return "droidpool-" + hashlib.sha256(f"{turn_id}\0{thinking}".encode()).hexdigest()[:32]
+
+
+class MessagesEncoder:
+    """Anthropic's named events (message_start … message_stop), or one message."""
+
+    def __init__(self, turn: Turn, parsed: Parsed) -> None:
+        self.id = f"msg_{turn.turn_id}"
+        self.turn_id = turn.turn_id
+        self.model = turn.request.model
+        self.index = -1
+        self.block: str | None = None  # the open block's type
+        self.thinking: list[str] = []
+
+    @staticmethod
+    def event(name: str, **data: Any) -> Event:
+        return Event({"type": name, **data}, name)
+
+    def start(self) -> list[Event]:
+        message: dict[str, Any] = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
+                   "stop_reason": None, "stop_sequence": None, "usage": usage_body(Usage())}
+        return [self.event("message_start", message=message), self.event("ping")]
+
+    def _open(self, kind: str) -> list[Event]:
+        if self.block == kind:
+            return []
+        events = self._close()
+        self.index += 1
+        self.block = kind
+        block: dict[str, Any] = {"type": "text", "text": ""} if kind == "text" else \
+            {"type": "thinking", "thinking": "", "signature": ""}
+        return [*events, self.event("content_block_start", index=self.index, content_block=block)]
+
+    def _close(self) -> list[Event]:
+        if self.block is None:
+            return []
+        events = []
+        if self.block == "thinking":
+            sig = signature(self.turn_id, "".join(self.thinking))
+            events.append(self.event("content_block_delta", index=self.index,
+                                     delta={"type": "signature_delta", "signature": sig}))
+            self.thinking = []
+        self.block = None
+        return [*events, self.event("content_block_stop", index=self.index)]
+
+    def feed(self, output: Output) -> list[Event]:
+        if isinstance(output, TextOut):
+            return [*self._open("text"), self.event("content_block_delta", index=self.index,
+                                                    delta={"type": "text_delta", "text": output.text})]
+        assert isinstance(output, ReasoningOut)
+        self.thinking.append(output.text)
+        return [*self._open("thinking"), self.event("content_block_delta", index=self.index,
+                                                    delta={"type": "thinking_delta", "thinking": output.text})]
+
+    def keepalive(self) -> list[Event]:
+        return [self.event("ping")]
+
+    def finish(self, result: TurnResult) -> list[Event]:
+        opened = [] if self.index >= 0 else self._open("text")  # every message has a text block
+        return [
+            *opened, *self._close(),
+            self.event("message_delta", delta={"stop_reason": "end_turn", "stop_sequence": None},
+                       usage=usage_body(result.usage)),
+            self.event("message_stop"),
+        ]
+
+    def failed(self, error: errors.DroidpoolError) -> list[Event]:
+        return [Event(error_body(error)[1], "error")]
+
+    def body(self, result: TurnResult) -> dict[str, Any]:
+        content: list[dict[str, Any]] = []
+        if result.reasoning:
+            content.append({"type": "thinking", "thinking": result.reasoning,
+                            "signature": signature(self.turn_id, result.reasoning)})
+        content.append({"type": "text", "text": result.text})
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
+                "stop_reason": "end_turn", "stop_sequence": None, "usage": usage_body(result.usage)}
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+# Neutral kinds → Anthropic's error type, and the status where Anthropic's differs.
+TYPES: dict[errors.ErrorKind, str] = {
+    "invalid_request": "invalid_request_error",
+    "authentication": "authentication_error",
+    "permission": "permission_error",
+    "not_found": "not_found_error",
+    "method_not_allowed": "invalid_request_error",
+    "request_timeout": "timeout_error",
+    "conflict": "invalid_request_error",
+    "misdirected": "invalid_request_error",
+    "too_large": "request_too_large",
+    "unsupported_media_type": "invalid_request_error",
+    "rate_limit": "rate_limit_error",
+    "upstream": "api_error",
+    "unavailable": "overloaded_error",
+    "timeout": "timeout_error",
+    "internal": "api_error",
+}
+STATUSES: dict[errors.ErrorKind, int] = {"unavailable": 529}
+
+
+def error_body(error: errors.DroidpoolError) -> tuple[int, dict[str, Any]]:
+    detail: dict[str, Any] = {"type": TYPES[error.kind], "message": error.message}
+    return STATUSES.get(error.kind, error.status), {"type": "error", "error": detail}
+
+
+DIALECT = Dialect("anthropic", parse, MessagesEncoder, error_body)

@@ -1,0 +1,334 @@
+"""OpenAI Responses: input items, response objects and their event stream, OpenAI's error envelope."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from droidpool import errors
+from droidpool.core.model import (
+    Message,
+    Output,
+    ReasoningOut,
+    TextOut,
+    ToolCall,
+    ToolResult,
+    TurnRequest,
+    TurnResult,
+)
+from droidpool.core.turns import Turn
+from droidpool.droid.protocol import Usage
+
+from . import openai_wire
+from .dialect import (
+    COMMENT,
+    OWN_PARAMS,
+    Dialect,
+    Event,
+    Parsed,
+    check_effort,
+    conversation_key,
+    header_effort,
+    optional,
+    session_id,
+)
+
+IGNORED_PARAMS = frozenset({
+    "include", "parallel_tool_calls", "max_output_tokens", "max_tool_calls", "metadata", "temperature",
+    "top_p", "top_logprobs", "truncation", "user", "service_tier", "prompt_cache_key", "safety_identifier",
+    "client_metadata", "stream_options", "tools",
+})
+KNOWN_PARAMS = frozenset({
+    "model", "input", "instructions", "previous_response_id", "store", "stream", "reasoning", "text",
+    "tool_choice", "background", "conversation", "prompt",
+}) | IGNORED_PARAMS | OWN_PARAMS
+TEXT_PARTS = ("input_text", "output_text", "text")
+RESPONSE_ID = re.compile(r"^resp_([0-9a-f]{32})$")
+# Neutral param names → the ones this API uses.
+PARAMS = {"previous_turn": "previous_response_id"}
+
+
+def turn_id_of(response_id: str, param: str = "previous_response_id") -> str:
+    """The turn behind a ``resp_…`` id; any other id names no stored response (404)."""
+    match = RESPONSE_ID.match(response_id)
+    if match is None:
+        raise errors.ResponseNotFound(f"No response {response_id!r}.", param=param)
+    return match.group(1)
+
+
+def parse(body: Any, headers: Mapping[str, str]) -> Parsed:
+    if not isinstance(body, Mapping):
+        raise errors.InvalidRequest("The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise errors.InvalidRequest("'model' is required and must be a non-empty string.", param="model")
+    for name in ("background", "conversation", "prompt"):
+        if body.get(name):
+            raise errors.InvalidRequest(f"'{name}' is not supported.", param=name)
+    instructions = optional(body, "instructions", str, "")
+    developer, messages = _input(body.get("input"))
+    system = "\n\n".join(t for t in (instructions, *developer) if t)
+    stream = optional(body, "stream", bool, False)
+    store = optional(body, "store", bool, True)
+    reasoning = optional(body, "reasoning", Mapping, {})
+    effort = reasoning.get("effort")
+    if effort is not None:
+        if not isinstance(effort, str):
+            raise errors.InvalidRequest("'reasoning.effort' must be a string.", param="reasoning.effort")
+        check_effort(effort, "reasoning.effort")
+    else:
+        effort = header_effort(headers)
+    text = optional(body, "text", Mapping, {})
+    fmt = text.get("format")
+    if fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"):
+        raise errors.InvalidRequest("Only text.format {\"type\": \"text\"} is supported.", param="text.format")
+    tool_choice = body.get("tool_choice")
+    if tool_choice not in (None, "none", "auto") and not (
+        isinstance(tool_choice, Mapping) and tool_choice.get("type") in ("none", "auto")
+    ):
+        raise errors.InvalidRequest("Client-side tool calls are not supported: droid runs its own tools.",
+                                    param="tool_choice")
+    previous = optional(body, "previous_response_id", str, None)
+    ignored = {k for k in body if k in IGNORED_PARAMS or k not in KNOWN_PARAMS}
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        # Codex sends tool types droid has no counterpart for (web_search, custom, namespace, ...).
+        ignored |= {f"tools[{t.get('type')}]" for t in tools if isinstance(t, Mapping) and t.get("type") != "function"}
+    if text.get("verbosity") is not None:
+        ignored.add("text.verbosity")
+    echo = {"instructions": instructions or None, "previous_response_id": previous, "store": store,
+            "reasoning": {"effort": effort, "summary": reasoning.get("summary")}}
+    request = TurnRequest(
+        model=model.strip(), messages=messages, system=system, stream=stream, reasoning_effort=effort,
+        session_id=session_id(body, headers), conversation_key=conversation_key(body, headers),
+        previous_turn_id=turn_id_of(previous) if previous else None, keep_output=store,
+        dialect="responses", ignored=tuple(sorted(ignored)), echo=echo,
+    )
+    return Parsed(request)
+
+
+def _input(raw: Any) -> tuple[list[str], tuple[Message, ...]]:
+    """Developer and system texts (they join the instructions), and the conversation."""
+    if isinstance(raw, str):
+        if not raw:
+            raise errors.InvalidRequest("'input' must not be empty.", param="input")
+        return [], (Message.of("user", raw),)
+    if not isinstance(raw, list) or not raw:
+        raise errors.InvalidRequest("'input' must be a string or a non-empty array of items.", param="input")
+    developer: list[str] = []
+    out: list[Message] = []
+    for index, item in enumerate(raw):
+        param = f"input[{index}]"
+        if not isinstance(item, Mapping):
+            raise errors.InvalidRequest(f"'{param}' must be an object.", param=param)
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise errors.InvalidRequest(f"'{param}.role' must be user, assistant, system or developer.",
+                                            param=f"{param}.role")
+            text = _text(item.get("content"), f"{param}.content")
+            if role in ("system", "developer"):
+                developer.append(text)
+            else:
+                out.append(Message.of(role, text))
+        elif kind in ("function_call", "custom_tool_call"):
+            call_id, name = item.get("call_id"), item.get("name")
+            arguments = item.get("arguments" if kind == "function_call" else "input", "")
+            if not isinstance(call_id, str) or not isinstance(name, str) or not isinstance(arguments, str):
+                raise errors.InvalidRequest(f"'{param}' needs a call_id, a name and string arguments.", param=param)
+            out.append(Message("assistant", (ToolCall(call_id, name, arguments),)))
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            call_id = item.get("call_id")
+            if not isinstance(call_id, str):
+                raise errors.InvalidRequest(f"'{param}.call_id' must be a string.", param=param)
+            output = item.get("output")
+            result = output if isinstance(output, str) else _text(output, f"{param}.output")
+            out.append(Message("tool", (ToolResult(call_id, result),)))
+        elif kind == "reasoning":
+            continue  # droid keeps its own reasoning; a client's copy is accepted and not resent
+        else:
+            raise errors.InvalidRequest(f"Input item type {kind!r} is not supported.", param=f"{param}.type")
+    split_at = max((i for i, m in enumerate(out) if m.role == "assistant"), default=-1)
+    if not out[split_at + 1:]:
+        raise errors.InvalidRequest("The input must end with a user message or a tool output: "
+                                    "droid answers a user turn.", param="input")
+    return developer, tuple(out)
+
+
+def _text(content: Any, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise errors.InvalidRequest(f"'{param}' must be a string or an array of content parts.", param=param)
+    texts = []
+    for index, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind in TEXT_PARTS and isinstance(part, Mapping) and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "refusal" and isinstance(part, Mapping):
+            texts.append(str(part.get("refusal", "")))
+        else:
+            raise errors.InvalidRequest(f"Content part type {kind!r} is not supported; send text.",
+                                        param=f"{param}[{index}]")
+    return "".join(texts)
+
+
+# --- response objects ---------------------------------------------------------------------------
+
+
+def usage_body(usage: Usage) -> dict[str, Any]:
+    return {
+        "input_tokens": usage.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": usage.cache_read_tokens},
+        "output_tokens": usage.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": usage.thinking_tokens},
+        "total_tokens": usage.prompt_tokens + usage.output_tokens,
+    }
+
+
+def message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
+    return {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": content}
+
+
+def reasoning_item(item_id: str, text: str | None) -> dict[str, Any]:
+    summary = [{"type": "summary_text", "text": text}] if text is not None else []
+    return {"id": item_id, "type": "reasoning", "summary": summary}
+
+
+def response_object(
+    response_id: str, model: str, created: int, echo: Mapping[str, Any], *, status: str,
+    output: list[dict[str, Any]], usage: Usage | None = None, error: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": response_id, "object": "response", "created_at": created, "status": status, "error": error,
+        "incomplete_details": None, "instructions": echo.get("instructions"), "model": model, "output": output,
+        "parallel_tool_calls": True, "previous_response_id": echo.get("previous_response_id"),
+        "reasoning": echo.get("reasoning") or {"effort": None, "summary": None}, "store": echo.get("store", True),
+        "temperature": None, "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
+        "top_p": None, "truncation": "disabled", "usage": usage_body(usage) if usage is not None else None,
+        "user": None, "metadata": {},
+    }
+
+
+def completed(result: TurnResult, echo: Mapping[str, Any]) -> dict[str, Any]:
+    """The whole response of a completed turn (the body, and ``GET /v1/responses/{id}``)."""
+    output = []
+    if result.reasoning:
+        output.append(reasoning_item(f"rs_{result.turn_id}", result.reasoning))
+    output.append(message_item(f"msg_{result.turn_id}", result.text))
+    return response_object(f"resp_{result.turn_id}", result.model, result.created, echo, status="completed",
+                           output=output, usage=result.usage)
+
+
+def stored(output: Mapping[str, Any]) -> dict[str, Any]:
+    """A kept turn's response object, as it was returned."""
+    return completed(TurnResult.from_json(output["result"]), output.get("echo") or {})
+
+
+class ResponsesEncoder:
+    """The Responses event stream (``response.created`` … ``response.completed``), or one response."""
+
+    def __init__(self, turn: Turn, parsed: Parsed) -> None:
+        self.turn_id = turn.turn_id
+        self.id = f"resp_{turn.turn_id}"
+        self.model = turn.request.model
+        self.created = turn.created
+        self.echo = parsed.turn.echo
+        self.sequence = 0
+        self.items: list[dict[str, Any]] = []  # finished output items
+        self.open: dict[str, Any] | None = None  # the item being streamed
+        self.text: list[str] = []
+
+    def event(self, name: str, **data: Any) -> Event:
+        payload = {"type": name, "sequence_number": self.sequence, **data}
+        self.sequence += 1
+        return Event(payload, name)
+
+    def snapshot(self, status: str, **extra: Any) -> dict[str, Any]:
+        return response_object(self.id, self.model, self.created, self.echo, status=status,
+                               output=list(self.items), **extra)
+
+    def start(self) -> list[Event]:
+        return [self.event("response.created", response=self.snapshot("in_progress")),
+                self.event("response.in_progress", response=self.snapshot("in_progress"))]
+
+    def _item_id(self, prefix: str) -> str:
+        return f"{prefix}_{self.turn_id}" if not self.items else f"{prefix}_{self.turn_id}_{len(self.items)}"
+
+    def _open(self, kind: str) -> list[Event]:
+        if self.open is not None and self.open["type"] == kind:
+            return []
+        events = self._close()
+        index = len(self.items)
+        if kind == "message":
+            self.open = message_item(self._item_id("msg"), "", status="in_progress")
+            return [*events,
+                    self.event("response.output_item.added", output_index=index, item=self.open),
+                    self.event("response.content_part.added", item_id=self.open["id"], output_index=index,
+                               content_index=0, part={"type": "output_text", "text": "", "annotations": []})]
+        self.open = reasoning_item(self._item_id("rs"), None)
+        return [*events,
+                self.event("response.output_item.added", output_index=index, item=self.open),
+                self.event("response.reasoning_summary_part.added", item_id=self.open["id"], output_index=index,
+                           summary_index=0, part={"type": "summary_text", "text": ""})]
+
+    def _close(self) -> list[Event]:
+        item, self.open = self.open, None
+        if item is None:
+            return []
+        index, text = len(self.items), "".join(self.text)
+        self.text = []
+        if item["type"] == "message":
+            done = message_item(item["id"], text)
+            part = done["content"][0]
+            events = [self.event("response.output_text.done", item_id=item["id"], output_index=index,
+                                 content_index=0, text=text, logprobs=[]),
+                      self.event("response.content_part.done", item_id=item["id"], output_index=index,
+                                 content_index=0, part=part)]
+        else:
+            done = reasoning_item(item["id"], text)
+            events = [self.event("response.reasoning_summary_text.done", item_id=item["id"], output_index=index,
+                                 summary_index=0, text=text),
+                      self.event("response.reasoning_summary_part.done", item_id=item["id"], output_index=index,
+                                 summary_index=0, part=done["summary"][0])]
+        self.items.append(done)
+        return [*events, self.event("response.output_item.done", output_index=index, item=done)]
+
+    def feed(self, output: Output) -> list[Event]:
+        kind = "message" if isinstance(output, TextOut) else "reasoning"
+        events = self._open(kind)
+        assert self.open is not None
+        self.text.append(output.text)
+        index = len(self.items)
+        if isinstance(output, TextOut):
+            return [*events, self.event("response.output_text.delta", item_id=self.open["id"], output_index=index,
+                                        content_index=0, delta=output.text, logprobs=[])]
+        assert isinstance(output, ReasoningOut)
+        return [*events, self.event("response.reasoning_summary_text.delta", item_id=self.open["id"],
+                                    output_index=index, summary_index=0, delta=output.text)]
+
+    def keepalive(self) -> list[Event]:
+        return [COMMENT]
+
+    def finish(self, result: TurnResult) -> list[Event]:
+        events = self._close() if self.items or self.open else []
+        if not any(i["type"] == "message" for i in self.items):
+            events += [*self._open("message"), *self._close()]  # every response has a message
+        return [*events, self.event("response.completed", response=self.snapshot("completed", usage=result.usage))]
+
+    def failed(self, error: errors.DroidpoolError) -> list[Event]:
+        detail = {"code": error.error_code or error.kind, "message": error.message}
+        return [*self._close(), self.event("response.failed", response=self.snapshot("failed", error=detail))]
+
+    def body(self, result: TurnResult) -> dict[str, Any]:
+        return completed(result, self.echo)
+
+
+def error_body(error: errors.DroidpoolError) -> tuple[int, dict[str, Any]]:
+    return error.status, {"error": openai_wire.error_object(error, PARAMS)}
+
+
+DIALECT = Dialect("responses", parse, ResponsesEncoder, error_body)
