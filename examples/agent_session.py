@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import openai
 
-BASE_URL = "http://127.0.0.1:8765/v1"
+BASE_URL = os.environ.get("DROIDPOOL_URL", "http://127.0.0.1:8765") + "/v1"
 
 
 def turns_from(args: list[str]) -> Iterator[str]:

@@ -16,7 +16,7 @@ import sys
 
 import openai
 
-BASE_URL = "http://127.0.0.1:8765/v1"
+BASE_URL = os.environ.get("DROIDPOOL_URL", "http://127.0.0.1:8765") + "/v1"
 
 
 def main() -> int:
