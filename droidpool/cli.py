@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 import time
@@ -17,13 +16,7 @@ import tomli_w
 from droidpool import __version__
 from droidpool.config import Config, ConfigError, field_docs, load
 from droidpool.daemon import logs
-from droidpool.droid.sessions import (
-    droid_sessions_dir,
-    files_to_prune,
-    scan_droid_sessions,
-    within,
-    workdirs_to_prune,
-)
+from droidpool.droid.sessions import apply_prune, droid_sessions_dir, plan_prune
 from droidpool.store import SqliteStore
 
 DEFAULT_CONFIG_NAME = "droidpool.toml"
@@ -274,39 +267,22 @@ def sessions_prune_files(config_path: Path | None, apply: bool, min_age_s: float
     cwd (droid.cwd, default <state_dir>/work), and at the per-session working directories
     under <worker cwd>/sessions. Dry run unless --apply.
     """
-    import shutil
-
     config = _load(config_path, {})
     sessions_dir = droid_sessions_dir(config)
-    cwd = config.worker_cwd
-    roots = {cwd, cwd.resolve()}
     known: dict[str, bool] = {}
     if config.store_path.is_file():
         known = anyio.run(_with_store, config, lambda store: store.all_ids())
-    found = scan_droid_sessions(sessions_dir) if sessions_dir.is_dir() else []
     age = config.store.session_ttl_s if min_age_s is None else min_age_s
-    now = time.time()
-    doomed = files_to_prune(found, roots, known, now, age)
-    workdir_root = cwd / "sessions"
-    workdirs = [(p, p.stat().st_mtime) for p in sorted(workdir_root.iterdir()) if p.is_dir()] \
-        if workdir_root.is_dir() else []
-    dead_dirs = workdirs_to_prune(workdirs, found, {s.session_id for s, _ in doomed}, now, age)
+    plan = plan_prune(sessions_dir, config.worker_cwd, known, time.time(), age)
     verb = "deleted" if apply else "would delete"
-    freed = 0
-    for session, why in doomed:
+    freed = plan.bytes
+    for session, why in plan.sessions:
         size = sum(p.stat().st_size for p in session.paths if p.exists())
-        if apply:
-            for path in session.paths:
-                path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                session.paths[0].parent.rmdir()  # droid's folder for that cwd, if now empty
-        freed += size
         click.echo(f"{verb}\t{session.session_id}\t{why}\t{size} bytes")
-    for path in dead_dirs:
-        if apply:
-            shutil.rmtree(path, ignore_errors=True)
+    for path in plan.workdirs:
         click.echo(f"{verb}\t{path}\tworking directory")
-    kept = sum(1 for s in found if within(s.cwd, roots)) - len(doomed)
-    click.echo(f"{len(doomed)} session(s), {freed} bytes and {len(dead_dirs)} working directories "
-               f"{'deleted' if apply else 'to delete (dry run: --apply)'}; {kept} kept; in {sessions_dir}",
+    if apply:
+        apply_prune(plan)
+    click.echo(f"{len(plan.sessions)} session(s), {freed} bytes and {len(plan.workdirs)} working directories "
+               f"{'deleted' if apply else 'to delete (dry run: --apply)'}; {plan.kept} kept; in {sessions_dir}",
                err=True)

@@ -113,29 +113,41 @@ class DroidConfig:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model to keep warm: at least ``spares`` spares, up to ``max_spares`` under demand."""
+    """A model droidpool offers besides droid's own list (shown by ``/v1/models``).
+
+    ``spares`` and ``max_spares`` are obsolete: any idle worker serves any model now, and the
+    reserve is ``pool.idle_min`` / ``pool.idle_max``. They are accepted and ignored."""
 
     id: str
-    spares: int = 1
-    max_spares: int = -1  # -1: same as spares (no growth with demand)
-
-    def __post_init__(self) -> None:
-        if self.max_spares < self.spares:
-            object.__setattr__(self, "max_spares", self.spares)
-
-
+    spares: int = -1
+    max_spares: int = -1
 @dataclass(frozen=True)
 class PoolConfig:
     max_workers: int = field(
-        default=4, metadata={"doc": "Hard cap on droid processes, starting and stopping included."}
+        default=0,
+        metadata={"doc": "Hard cap on droid processes, starting and stopping included; 0 = from the memory "
+                         "available at start-up: half of it, at 300 MB a worker (droid idles at ~180 MB and "
+                         "grows to ~300 MB over many conversations), from 2 to 16."},
+    )
+    idle_min: int = field(
+        default=1,
+        metadata={"doc": "Workers kept available at all times (any of them starts a new conversation in "
+                         "~50 ms; a new process takes ~0.6 s). Replaced when recycled."},
+    )
+    idle_max: int = field(
+        default=4,
+        metadata={"doc": "At most this many kept available while requests come in: the reserve follows the "
+                         "peak of concurrent requests over the last 5 minutes, from idle_min to idle_max."},
+    )
+    mint_sessions: bool = field(
+        default=True,
+        metadata={"doc": "Start a new conversation in any idle worker by loading a session droidpool writes "
+                         "(checked by a self-test at start-up; it falls back by itself if droid's format "
+                         "changed); false = a fresh process per new conversation."},
     )
     models: tuple[ModelSpec, ...] = field(
         default=(),
-        metadata={
-            "doc": "Models to keep warm: [{id = \"custom:my-model\", spares = 1, max_spares = 3}] "
-            "(spares grow toward max_spares with the rate of new conversations); "
-            "empty = one spare of droid's default model."
-        },
+        metadata={"doc": "Extra model ids to offer besides droid's list: [{id = \"custom:my-model\"}]."},
     )
     queue_size: int = field(
         default=32, metadata={"doc": "Requests that may wait for a worker before 429s."}
@@ -158,15 +170,17 @@ class PoolConfig:
         default=600, metadata={"doc": "An idle worker above this RSS is recycled; 0 = never."}
     )
     max_turns_per_worker: int = field(
-        default=200, metadata={"doc": "An idle worker that ran this many turns is recycled; 0 = never."}
+        default=200,
+        metadata={"doc": "An idle worker that ran this many turns (of any conversations) is recycled; "
+                         "0 = never."},
     )
     spare_max_age_s: float = field(
         default=3600.0, metadata={"doc": "A spare older than this is replaced by a fresh one; 0 = never."}
     )
     idle_worker_ttl_s: float = field(
         default=1800.0,
-        metadata={"doc": "An idle session worker unused this long is stopped (its session stays "
-                         "resumable); 0 = never."},
+        metadata={"doc": "An available worker above idle_min unused this long is stopped (its session "
+                         "stays resumable); 0 = never."},
     )
     max_concurrent_spawns: int = field(
         default=2, metadata={"doc": "Processes starting at once; more only slows every one on few cores."}
@@ -206,6 +220,11 @@ class StoreConfig:
     )
     session_ttl_s: float = field(
         default=86400.0, metadata={"doc": "Sessions idle longer than this expire."}
+    )
+    prune_files: bool = field(
+        default=True,
+        metadata={"doc": "Every 10 minutes, delete droid's files of expired sessions and of sessions unknown "
+                         "for session_ttl_s, with their working directories (as sessions prune-files --apply)."},
     )
 
 
@@ -410,7 +429,10 @@ def _check(config: Config, sources: dict[str, dict[str, str]], environ: Mapping[
     require(d.permission_policy in PERMISSION_OPTIONS, "droid", "permission_policy",
             f"one of {', '.join(PERMISSION_OPTIONS)}")
     require(bool(d.binary), "droid", "binary", "a path or command name")
-    require(p.max_workers >= 1, "pool", "max_workers", "at least 1")
+    require(p.max_workers >= 0, "pool", "max_workers", "0 (automatic) or more")
+    require(p.idle_min >= 0, "pool", "idle_min", "0 or more")
+    require(p.idle_max >= p.idle_min, "pool", "idle_max", "at least pool.idle_min")
+    require(not p.max_workers or p.idle_min <= p.max_workers, "pool", "idle_min", "at most pool.max_workers")
     require(p.queue_size >= 0, "pool", "queue_size", "0 or more")
     require(p.queue_timeout_s > 0, "pool", "queue_timeout_s", "positive")
     require(p.spawn_timeout_s > 0, "pool", "spawn_timeout_s", "positive")
@@ -422,10 +444,7 @@ def _check(config: Config, sources: dict[str, dict[str, str]], environ: Mapping[
     require(p.idle_worker_ttl_s >= 0, "pool", "idle_worker_ttl_s", "0 or more")
     require(p.max_concurrent_spawns >= 1, "pool", "max_concurrent_spawns", "at least 1")
     require(p.max_event_line_bytes >= 64 * 1024, "pool", "max_event_line_bytes", "at least 65536")
-    require(all(m.spares >= 0 and m.id for m in p.models), "pool", "models",
-            "entries with a non-empty id and spares >= 0")
-    require(sum(m.spares for m in p.models) <= p.max_workers, "pool", "models",
-            "spares that fit within pool.max_workers")
+    require(all(m.id for m in p.models), "pool", "models", "entries with a non-empty id")
     require(t.first_token_s > 0, "deadlines", "first_token_s", "positive")
     require(t.turn_s > 0, "deadlines", "turn_s", "positive")
     require(t.interrupt_grace_s > 0, "deadlines", "interrupt_grace_s", "positive")

@@ -204,7 +204,8 @@ def start_daemon(tmp: Path, sections: dict[str, dict[str, Any]], ready_timeout: 
             status, body = daemon.get("/readyz")
         except (OSError, ValueError):
             return False
-        return status == 200 and body["workers"]["ready"] >= 1
+        return status == 200 and body["workers"]["ready"] + body["workers"]["idle"] >= 1 \
+            and body["sessions"]["self_test"] != "pending"
 
     try:
         wait_until(ready, ready_timeout, "droidpool to become ready")

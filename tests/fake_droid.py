@@ -50,6 +50,9 @@ Environment:
                               FAKE_DROID_CHILD_PIDFILE if that is set
     FAKE_DROID_LOG            append one line per received request method to this file
     FAKE_DROID_MODELS         extra model ids (comma-separated) for list_models/availableModels
+    FAKE_DROID_MINT           ""  (default) load_session also loads a session written in droid's own
+                              layout under $HOME/.factory/sessions (see Server.load_minted); "ignore":
+                              not found; "stale": loaded, but the old conversation stays in memory
 """
 
 from __future__ import annotations
@@ -656,15 +659,23 @@ class Server:
             detail = "Required" if "sessionId" not in params else f"Expected string, received {zod_type(sid)}"
             raise RpcError(-32602, f"Invalid request for droid.load_session: params.sessionId: {detail}")
         sess = self.store.load(sid)
+        shown: list | None = None
         if sess is None:
-            raise RpcError(-32004, "Session not found")
+            found = self.load_minted(sid)
+            if found is None:
+                raise RpcError(-32004, "Session not found")
+            sess, shown = found
         with self.lock:
             self.session = sess
             self.context_pending = True
+        if os.path.isdir(sess.get("cwd") or ""):
+            os.chdir(sess["cwd"])  # as droid does: the process moves into the session's cwd
         settings = sess["settings"]
         self.notify({"type": "settings_updated", "settings": short_settings(settings)}, None)
         tu = sess.get("tokenUsage") or usage()
-        session_obj: dict = {"messages": [self.load_form(m) for m in sess["messages"]]}
+        if shown is None:
+            shown = [self.load_form(m) for m in sess["messages"]]
+        session_obj: dict = {"messages": shown}
         if sess.get("title"):
             session_obj["title"] = sess["title"]
         return {
@@ -672,7 +683,8 @@ class Server:
             "hasOlderMessages": False,
             "hostId": sess.get("hostId", self.host_id),
             "updatedAt": int(sess.get("updatedAt", now_ms()) // 1000),
-            "settings": full_settings(settings),
+            "settings": {**full_settings(settings),
+                         **({"systemPrompt": sess["systemPrompt"]} if sess.get("systemPrompt") else {})},
             "availableModels": available_models(),
             "isAgentLoopInProgress": False,
             "workingState": "idle",
@@ -682,6 +694,60 @@ class Server:
             "lastCallTokenUsage": sess.get("lastCallTokenUsage")
             or {"inputTokens": 0, "outputTokens": 0, "cacheReadTokens": 0},
         }
+
+    def load_minted(self, sid: str) -> tuple[dict, list] | None:
+        """A session written the way droidpool mints them (droid's own layout: a folder named
+        after the cwd, ``<id>.settings.json`` and ``<id>.jsonl`` holding a session_start and one
+        empty context message), as droid 0.225.2 loads it. FAKE_DROID_MINT=ignore: not found
+        (a droid that does not know the format); =stale: loads it but keeps the previous
+        conversation in memory (the leak the self-test must catch)."""
+        mode = os.environ.get("FAKE_DROID_MINT", "")
+        root = os.path.join(os.path.expanduser("~"), ".factory", "sessions")
+        if mode == "ignore" or not SESSION_ID_RE.match(sid) or not os.path.isdir(root):
+            return None
+        folder = next((f for f in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, f, sid + ".jsonl"))),
+                      None)
+        if folder is None:
+            return None
+        try:
+            with open(os.path.join(root, folder, sid + ".jsonl"), encoding="utf-8") as f:
+                lines = [json.loads(line) for line in f if line.strip()]
+            with open(os.path.join(root, folder, sid + ".settings.json"), encoding="utf-8") as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            return None
+        start, messages = (lines[0] if lines else {}), lines[1:]
+        cwd = start.get("cwd") if isinstance(start, dict) else None
+        if not isinstance(cwd, str) or len(messages) != 1 or messages[0].get("message", {}).get("content"):
+            return None
+        if folder != cwd.replace("/", "-"):
+            # droid derives the file's path from the session's cwd (observed: exit 1).
+            self.crash(f"Critical error: ENOENT: no such file or directory, lstat "
+                       f"'{os.path.join(root, cwd.replace('/', '-'), sid + '.jsonl')}'")
+        level = doc.get("autonomyLevel") if doc.get("autonomyLevel") in AUTONOMY_LEVELS else "off"
+        settings = {
+            "modelId": doc.get("model") or model_ids()[0],
+            "reasoningEffort": doc.get("reasoningEffort") or "none",
+            "autonomyMode": AUTONOMY_MODE[level],
+            "interactionMode": doc.get("interactionMode") or "auto",
+            "autonomyLevel": level,
+            "disabledToolIds": doc.get("disabledToolIds") or [],
+        }
+        ts = now_ms()
+        sess = {
+            "id": sid, "cwd": cwd, "machineId": "droidpool", "hostId": self.host_id,
+            "title": start.get("title") if start.get("isSessionTitleManuallySet") else None,
+            "createdAt": ts, "updatedAt": ts, "systemPrompt": doc.get("systemPrompt"), "settings": settings,
+            "messages": [], "tokenUsage": usage(),
+            "lastCallTokenUsage": {"inputTokens": 0, "outputTokens": 0, "cacheReadTokens": 0},
+        }
+        shown = [{"id": messages[0].get("id", "context-" + new_id()), "createdAt": ts, "updatedAt": ts,
+                  "role": "user", "content": [], "visibility": "llm_only"}]
+        if mode == "stale" and self.session is not None:
+            sess["messages"] = list(self.session["messages"])
+            shown = [self.load_form(m) for m in sess["messages"]] + shown
+        self.store.save(sess)
+        return sess, shown
 
     @staticmethod
     def load_form(m: dict) -> dict:

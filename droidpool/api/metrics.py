@@ -34,6 +34,10 @@ class PoolCollector(Collector):
         yield GaugeMetricFamily("droidpool_workers_rss_bytes", "resident memory of all worker process groups",
                                 value=stats["rss_bytes"])
         yield GaugeMetricFamily("droidpool_ready", "1 when the pool can serve", value=int(self.pool.ready))
+        yield GaugeMetricFamily("droidpool_minted_sessions",
+                                "1 when new conversations start in minted sessions; 0: a fresh process each "
+                                "(the self-test failed, is pending, or minting is off)",
+                                value=int(self.pool.mode == "minted"))
         wait = stats["queue_wait"]
         yield CounterMetricFamily("droidpool_queue_wait_seconds", "time requests waited for a worker",
                                   value=wait["sum_s"])

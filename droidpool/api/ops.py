@@ -26,7 +26,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     pool = request.app[POOL]
-    body: dict[str, Any] = {"ready": pool.ready, "workers": pool.counts(), "max_workers": pool.max_workers}
+    body: dict[str, Any] = {"ready": pool.ready, "workers": pool.counts(), "max_workers": pool.max_workers,
+                            "sessions": pool.sessions_status()}
     if not pool.ready:
         body["cause"] = pool.last_spawn_error or "shutting down"
     return json_response(body, 200 if pool.ready else 503)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import anyio
 
-from droidpool.config import Config
+from droidpool.config import ALL_TOOL_IDS, Config
+from droidpool.droid import sessions
 from droidpool.droid.launch import (
     StartupError,
     droid_settings_path,
@@ -20,7 +21,8 @@ from droidpool.droid.launch import (
     resolve_binary,
     worker_env,
 )
-from droidpool.droid.worker import SessionSettings, Worker
+from droidpool.droid.sessions import droid_sessions_dir
+from droidpool.droid.worker import DroidRequestError, SessionSettings, Worker
 
 TESTED_VERSION = "0.225.2"
 
@@ -133,6 +135,7 @@ async def _check_worker(config: Config, report: Report, fail: Callable[[str, str
                     report("warn", f"pool.models names {spec.id!r}, which droid does not list", "fix pool.models")
             session = await worker.initialize(SessionSettings(model_id=None), config.pool.spawn_timeout_s)
             report("ok", f"a session initialized ({session})", "")
+            await _check_minting(config, worker, report)
             return True
         except Exception as exc:  # noqa: BLE001 - every failure is a finding here
             fail(f"the worker failed: {exc} {worker.stderr_tail(300)}".strip(),
@@ -142,6 +145,29 @@ async def _check_worker(config: Config, report: Report, fail: Callable[[str, str
             await worker.stop()
             tg.cancel_scope.cancel()
     return False  # pragma: no cover - the task group always returns from inside
+
+
+async def _check_minting(config: Config, worker: Worker, report: Report) -> None:
+    """The pool's self-test: a session droidpool writes loads as written (one empty message,
+    its system prompt and working directory), so any idle worker can start a new conversation."""
+    if not config.pool.mint_sessions:
+        report("ok", "minted sessions are off (pool.mint_sessions = false): a new process per conversation", "")
+        return
+    settings = SessionSettings(system_prompt="droidpool doctor", disabled_tool_ids=ALL_TOOL_IDS)
+    started = time.monotonic()
+    try:
+        minted = sessions.mint(droid_sessions_dir(config), config.worker_cwd / "self-test", settings, "droidpool")
+        result = await worker.load_session(minted.session_id, config.pool.spawn_timeout_s)
+        problems = sessions.check_loaded(result, minted, settings)
+    except (OSError, DroidRequestError) as exc:
+        problems = [str(exc)]
+    if problems:
+        report("warn", f"droid does not load minted sessions as written ({'; '.join(problems)})",
+               "droidpool falls back to a new droid process per new conversation (~0.6 s each); "
+               f"check the droid version ({TESTED_VERSION} is tested)")
+    else:
+        report("ok", f"minted sessions load as written ({(time.monotonic() - started) * 1000:.0f} ms): "
+                     "any idle worker starts a new conversation", "")
 
 
 def format_line(level: str, what: str, fix: str) -> str:

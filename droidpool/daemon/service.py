@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from droidpool.core.access import Authenticator, load_keys
 from droidpool.core.catalog import Catalog
 from droidpool.core.turns import Deadlines, TurnService
 from droidpool.droid.launch import StartupError, base_settings, byok_names, launch_spec
+from droidpool.droid.sessions import apply_prune, droid_sessions_dir, plan_prune
 from droidpool.droid.worker import LaunchSpec
 from droidpool.pool import procfs
-from droidpool.pool.policy import PoolPolicy
+from droidpool.pool.policy import PoolPolicy, auto_max_workers
 from droidpool.pool.pool import Pool
 from droidpool.store import SessionStore, SqliteStore
 
@@ -31,11 +33,18 @@ from .systemd import Notifier
 log = structlog.get_logger(__name__)
 
 
+def pool_policy(config: Config) -> PoolPolicy:
+    """The pool's limits; ``pool.max_workers = 0`` is sized from the memory available now."""
+    cap = config.pool.max_workers or auto_max_workers(procfs.mem_available())
+    return PoolPolicy.from_config(config.pool, max_workers=max(cap, config.pool.idle_min))
+
+
 def build_pool(config: Config, spec: LaunchSpec | None = None) -> Pool:
     return Pool(
         spec or launch_spec(config),
         base_settings=base_settings(config),
-        policy=PoolPolicy.from_config(config.pool),
+        policy=pool_policy(config),
+        mint=config.pool.mint_sessions,
     )
 
 
@@ -79,6 +88,9 @@ class Daemon:
         except ConfigError as exc:
             raise StartupError(str(exc)) from None
         log.info("droidpool.auth", keys=self.auth.key_count)
+        if any(m.spares != -1 or m.max_spares != -1 for m in self.config.pool.models):
+            log.warning("droidpool.config_obsolete", key="pool.models[].spares",
+                        detail="ignored: any idle worker serves any model; set pool.idle_min and pool.idle_max")
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._handle_signals, signals)
@@ -112,7 +124,7 @@ class Daemon:
         ]
         if restart_only or new.store != self.config.store:
             log.warning("droidpool.reload_needs_restart", keys=restart_only or ["store"])
-        self.pool.reconfigure(PoolPolicy.from_config(new.pool), spec)
+        self.pool.reconfigure(pool_policy(new), spec)
         self.auth.set_keys(keys)
         self.turns.deadlines = deadlines(new)
         self.turns.catalog.aliases = dict(new.models.aliases)
@@ -154,7 +166,7 @@ class Daemon:
                 try:
                     await self._listen(runner)
                     tg.start_soon(self._announce_ready, pool, tg)
-                    tg.start_soon(_sweep_sessions, store)
+                    tg.start_soon(_sweep, store, pool, config)
                     await self._stop.wait()
                     log.info("droidpool.stopping", pool=repr(pool))
                     self.notifier.send(stopping=1, status="draining")
@@ -214,9 +226,22 @@ def kill_leftover_workers(root: Path) -> list[int]:
     return leftovers
 
 
-async def _sweep_sessions(store: SessionStore, every_s: float = 600.0) -> None:
-    """Expired sessions leave the store; droid's own session files are left alone."""
+async def _sweep(store: SessionStore, pool: Pool, config: Config, every_s: float = 600.0) -> None:
+    """Every ``every_s``: delete droid's files of sessions that expired or nobody knows (never
+    those a live worker holds), then the expired sessions from the store. The droid sessions
+    folder stays as small as the live sessions: droid scans it when loading a session."""
+    sessions_dir = droid_sessions_dir(config)
     while True:
+        if config.store.prune_files:
+            known = await store.all_ids()
+            protected = frozenset(w.session_id for w in pool.workers if w.session_id)
+            plan = await anyio.to_thread.run_sync(
+                plan_prune, sessions_dir, config.worker_cwd, known, time.time(), config.store.session_ttl_s, protected)
+            if plan.sessions or plan.workdirs:
+                freed = plan.bytes
+                await anyio.to_thread.run_sync(apply_prune, plan)
+                log.info("store.pruned_files", sessions=len(plan.sessions), workdirs=len(plan.workdirs), bytes=freed,
+                         kept=plan.kept)
         swept = await store.sweep()
         if swept:
             log.info("store.swept", sessions=swept)

@@ -95,6 +95,7 @@ def launch_spec(config: Config) -> LaunchSpec:
         machine_id=config.droid.machine_id,
         permission_policy=config.droid.permission_policy,
         session_title=None if config.droid.generate_titles else "droidpool",
+        sessions_dir=str(droid_dir(config) / "sessions"),
         max_line_bytes=config.pool.max_event_line_bytes,
         stop_grace_s=config.pool.stop_grace_s,
     )

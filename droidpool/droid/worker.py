@@ -44,10 +44,10 @@ REQUEST_TIMEOUT_S = 30.0
 
 
 class WorkerState(enum.Enum):
-    STARTING = "starting"  # spawned, not yet initialized
-    READY = "ready"  # a fresh session initialized, no turn run yet: a warm spare
+    STARTING = "starting"  # spawned, not yet answering
+    READY = "ready"  # a spare: holds no conversation (in fresh mode: has never held one)
     BUSY = "busy"  # leased to a request
-    IDLE = "idle"  # holds a session that has run turns
+    IDLE = "idle"  # holds a conversation's session
     STOPPING = "stopping"
     DEAD = "dead"
 
@@ -62,6 +62,7 @@ class LaunchSpec:
     machine_id: str = "droidpool"
     permission_policy: str = "cancel"
     session_title: str | None = "droidpool"  # set before the first turn: droid then skips its title LLM call
+    sessions_dir: str = ""  # droid's <HOME>/.factory/sessions, where minted sessions go
     max_line_bytes: int = 8 * 1024 * 1024
     stop_grace_s: float = 3.0
 
@@ -150,6 +151,7 @@ class Worker:
         self.model_id = model_id
         self.settings: SessionSettings | None = None
         self.session_id: str | None = None
+        self.used = False  # has loaded a session or run a turn: initialize_session would leak
         self.turns = 0
         self.created_at = time.monotonic()
         self.last_used = self.created_at
@@ -206,8 +208,8 @@ class Worker:
         log.debug("worker.spawned", worker=self.id, pid=self._process.pid)
 
     async def initialize(self, settings: SessionSettings, timeout: float) -> str:
-        """Start a fresh droid session; only valid while no turn has run in this process."""
-        assert self.turns == 0, "initialize_session after a turn leaks the old context"
+        """Start a fresh droid session; only valid while the process has held no conversation."""
+        assert not self.used, "initialize_session after a turn leaks the old context"
         # Each session works in a directory of its own (droid keeps it across load_session).
         workdir = Path(self.spec.cwd) / "sessions" / uuid.uuid4().hex
         workdir.mkdir(parents=True, mode=0o700)
@@ -228,14 +230,21 @@ class Worker:
         self.model_id = settings.model_id
         return session_id
 
-    async def load_session(self, session_id: str, timeout: float = REQUEST_TIMEOUT_S) -> None:
+    async def load_session(self, session_id: str, timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+        """Switch the process to a stored session (droid replaces its in-memory history)."""
+        self.used = True  # whatever droid answers: never initialize_session in this process again
         result = await self.call("droid.load_session", {"sessionId": session_id}, timeout)
         self.session_id = session_id
         self.settings = None
         models = result.get("settings", {}).get("modelId") if isinstance(result.get("settings"), dict) else None
         self.model_id = models if isinstance(models, str) else self.model_id
-        # A loaded session counts as used: never initialize_session in this process again.
-        self.turns = max(self.turns, 1)
+        return result
+
+    def adopt(self, settings: SessionSettings, session_dir: Path) -> None:
+        """The loaded session is a new one droidpool wrote with ``settings``."""
+        self.settings = settings
+        self.model_id = settings.model_id
+        self.session_dir = session_dir
 
     async def set_model(self, model_id: str, timeout: float = REQUEST_TIMEOUT_S) -> None:
         await self.call("droid.update_session_settings", {"modelId": model_id}, timeout)
@@ -337,6 +346,7 @@ class Worker:
         self._turn = turn
         self.last_used = time.monotonic()
         try:
+            self.used = True
             await self.call("droid.add_user_message", {"text": text})
             self.turns += 1
             yield TurnStream(turn, self)

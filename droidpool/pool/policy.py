@@ -1,22 +1,39 @@
-"""The pool's decisions as pure functions over plain state: assignment and reconciliation."""
+"""The pool's decisions as pure functions over plain state: assignment and reconciliation.
+
+How new conversations get a clean droid (``SessionMode``):
+
+- ``minted``: any idle droid process starts a new conversation by loading a session droidpool
+  wrote (``droid/sessions.py``), in ~50 ms. The processes are a pure compute pool: a follow-up
+  goes to the worker holding its session, else to any available one; a new conversation to
+  any available one. A spawn only grows the pool.
+- ``fresh``: droid's format is not the one droidpool knows (the start-up self-test failed, or
+  it has not run yet), so a new conversation needs a process that has never held one (a
+  spare, initialized with ``droid.initialize_session``); a used process serves follow-ups only.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-from droidpool.config import ModelSpec, PoolConfig
+from droidpool.config import PoolConfig
 from droidpool.droid.worker import SessionSettings, WorkerState
 
 MB = 1024 * 1024
 # What a new worker is assumed to need before it has been measured (droid idles at ~180 MB).
 DEFAULT_WORKER_RSS = 200 * MB
-# Surplus spares (above demand) are kept at least this long, so demand can't make them thrash.
+# A spare is not retired for being surplus before it is this old, so demand can't make it thrash.
 SPARE_MIN_LIFE_S = 60.0
-# An idle session worker used more recently than this is not evicted just to pre-warm a spare:
-# its conversation's next turn is likely close. (A new conversation may still evict it at the cap.)
+# fresh mode, at the cap: an idle session worker used more recently than this keeps its place;
+# its conversation's next turn is likely close. (A new conversation may still evict it.)
 RECENTLY_USED_S = 5.0
+
+SessionMode = Literal["minted", "fresh"]
+StopReason = Literal[
+    "recycle_turns", "recycle_rss", "idle_ttl", "spare_age", "memory", "room_for_spare", "reconfigured",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,13 +48,19 @@ class WorkerView:
     created_at: float = 0.0
     rss: int = 0
 
+    @property
+    def available(self) -> bool:
+        """Can take a request now: a spare (READY) or an idle session worker (IDLE)."""
+        return self.state in (WorkerState.READY, WorkerState.IDLE)
+
 
 @dataclass(frozen=True)
 class PoolPolicy:
     """The limits the pool enforces; built from [pool] config and replaced on reload."""
 
     max_workers: int = 4
-    models: tuple[ModelSpec, ...] = ()
+    idle_min: int = 1
+    idle_max: int = 4
     queue_size: int = 32
     queue_timeout_s: float = 30.0
     spawn_timeout_s: float = 20.0
@@ -49,10 +72,11 @@ class PoolPolicy:
     max_concurrent_spawns: int = 2
 
     @classmethod
-    def from_config(cls, pool: PoolConfig) -> PoolPolicy:
+    def from_config(cls, pool: PoolConfig, max_workers: int | None = None) -> PoolPolicy:
         return cls(
-            max_workers=pool.max_workers,
-            models=pool.models,
+            max_workers=max_workers or pool.max_workers,
+            idle_min=pool.idle_min,
+            idle_max=max(pool.idle_min, pool.idle_max),
             queue_size=pool.queue_size,
             queue_timeout_s=pool.queue_timeout_s,
             spawn_timeout_s=pool.spawn_timeout_s,
@@ -64,9 +88,11 @@ class PoolPolicy:
             max_concurrent_spawns=pool.max_concurrent_spawns,
         )
 
-    def specs(self) -> tuple[ModelSpec, ...]:
-        """The models to keep warm; "" stands for droid's default model."""
-        return self.models or (ModelSpec(""),)
+
+def auto_max_workers(available_bytes: int, per_worker: int = 300 * MB, low: int = 2, high: int = 16) -> int:
+    """The process cap for ``pool.max_workers = 0``: half the memory available at start-up,
+    ``per_worker`` each (droid idles at ~180 MB and grows to ~300 MB over many turns)."""
+    return max(low, min(high, available_bytes // 2 // per_worker))
 
 
 # --- assignment: which worker serves a request ------------------------------------------------
@@ -84,18 +110,19 @@ class Want:
 class Assignment:
     """``take`` a worker, or ``spawn`` one (optionally after ``evict``ing one), or ``wait``."""
 
-    action: str  # "take" | "spawn" | "wait"
+    action: Literal["take", "spawn", "wait"]
     worker_id: int | None = None
     evict_id: int | None = None
 
 
-def assign(workers: Sequence[WorkerView], want: Want, max_workers: int) -> Assignment:
+def assign(workers: Sequence[WorkerView], want: Want, max_workers: int, mode: SessionMode = "minted") -> Assignment:
     """Choose a worker for a request; never exceeds ``max_workers`` live processes.
 
-    Continuing a session: the worker that holds it; else load it into the least recently
-    used idle worker, else a spare, else a new process. A new session: a spare with the same
-    settings, else any spare (re-initialized: it has run no turn), else a new process.
-    At the cap, the least recently used idle session worker is evicted to make room.
+    A follow-up takes the idle worker holding its session; else a spare (it displaces no warm
+    session), else the least recently used idle worker, which loads the session. A new
+    conversation takes a spare, else (minted mode) the least recently used idle worker. Only
+    when nothing is available is a process spawned, within the cap; in fresh mode, at the cap,
+    the least recently used idle session worker is evicted to make room for a new conversation.
     """
     live = [w for w in workers if w.state is not WorkerState.DEAD]
     idle = sorted((w for w in live if w.state is WorkerState.IDLE), key=lambda w: w.last_used)
@@ -104,13 +131,20 @@ def assign(workers: Sequence[WorkerView], want: Want, max_workers: int) -> Assig
         for w in idle:
             if w.session_id == want.session_id:
                 return Assignment("take", w.id)
+        if mode == "fresh" and idle:  # keep the spares for new conversations
+            return Assignment("take", idle[0].id)
+        if spares:
+            return Assignment("take", spares[0].id)
         if idle:
             return Assignment("take", idle[0].id)
-    if spares:
-        return Assignment("take", _best_spare(spares, want.settings).id)
+    else:
+        if spares:
+            return Assignment("take", _best_spare(spares, want.settings).id)
+        if mode == "minted" and idle:
+            return Assignment("take", idle[0].id)
     if len(live) < max_workers:
         return Assignment("spawn")
-    if idle:
+    if mode == "fresh" and want.session_id is None and idle:
         return Assignment("spawn", evict_id=idle[0].id)
     return Assignment("wait")
 
@@ -131,18 +165,19 @@ def _best_spare(spares: Sequence[WorkerView], settings: SessionSettings) -> Work
 @dataclass(frozen=True, slots=True)
 class Stop:
     worker_id: int
-    reason: str  # recycle_turns | recycle_rss | idle_ttl | spare_age | spare_surplus | memory | room_for_spare
+    reason: StopReason
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    start: tuple[str, ...] = ()  # model ids (spec ids) of spares to spawn now
+    start: int = 0  # workers to spawn now
     stop: tuple[Stop, ...] = ()
 
 
-def spare_targets(specs: Sequence[ModelSpec], demand: Mapping[str, int]) -> dict[str, int]:
-    """Spares per model: the recent count of new conversations, clamped to [spares, max_spares]."""
-    return {s.id: min(s.max_spares, max(s.spares, demand.get(s.id, 0))) for s in specs}
+def reserve_target(policy: PoolPolicy, peak: int, busy: int) -> int:
+    """How many workers to keep available: what the recent peak of concurrent requests would
+    need beyond those running now, at least ``idle_min`` and at most ``idle_max``."""
+    return max(policy.idle_min, min(policy.idle_max, peak - busy))
 
 
 def reconcile(
@@ -150,23 +185,27 @@ def reconcile(
     policy: PoolPolicy,
     now: float,
     *,
-    demand: Mapping[str, int] | None = None,
+    mode: SessionMode = "minted",
+    peak: int = 0,
     in_flight: int = 0,
     reserved: int = 0,
 ) -> Plan:
-    """Recycle, evict and top up spares so every bound holds.
+    """Recycle, shrink and top up the pool so every bound holds.
 
-    Order: recycle worn idle workers (turns, RSS, idle time) and old spares; shed spares
-    above demand; if the workers' RSS is over the memory budget, evict idle session workers
-    (least recently used first), then surplus spares; finally start the spares each model
-    lacks, as far as the process cap, the spawn throttle and the memory budget allow — at the
-    cap, an idle session worker is evicted to make room (its session reloads on its next turn).
+    ``peak`` is the most requests that were running or waiting at once lately. The reserve
+    is the workers available to a new request: in minted mode spares and idle session workers
+    alike, in fresh mode spares only. Order: recycle worn idle workers (turns, RSS) and old
+    spares; stop available workers above ``idle_min`` unused for ``idle_ttl_s`` (least recently
+    used first); over the memory budget, stop idle session workers, then spares above
+    ``idle_min``; finally start workers until the reserve meets its target, within the cap, the
+    spawn throttle and the memory budget. In fresh mode, at the cap, idle session workers not
+    used lately give way to the spares new conversations need.
     """
     live = [w for w in workers if w.state not in (WorkerState.DEAD, WorkerState.STOPPING)]
     stopping = sum(1 for w in workers if w.state is WorkerState.STOPPING)
     stops: dict[int, Stop] = {}
 
-    def stop(worker: WorkerView, reason: str) -> None:
+    def stop(worker: WorkerView, reason: StopReason) -> None:
         stops.setdefault(worker.id, Stop(worker.id, reason))
 
     for w in live:
@@ -175,76 +214,61 @@ def reconcile(
                 stop(w, "recycle_turns")
             elif policy.max_worker_rss and w.rss >= policy.max_worker_rss:
                 stop(w, "recycle_rss")
-            elif policy.idle_ttl_s and now - w.last_used >= policy.idle_ttl_s:
-                stop(w, "idle_ttl")
         elif w.state is WorkerState.READY and policy.spare_max_age_s and now - w.created_at >= policy.spare_max_age_s:
             stop(w, "spare_age")
-
-    specs = policy.specs()
-    targets = spare_targets(specs, demand or {})
-    floors = {s.id: s.spares for s in specs}
-
-    def spares_of(model: str) -> list[WorkerView]:
-        return sorted(
-            (w for w in live if w.state is WorkerState.READY and (w.model_id or "") == model and w.id not in stops),
-            key=lambda w: w.created_at,
-        )
-
-    surplus: list[WorkerView] = []  # spares above their model's floor, oldest first
-    for w in live:
-        if w.state is WorkerState.READY and (w.model_id or "") not in targets and w.id not in stops:
-            stop(w, "spare_surplus")  # its model is no longer configured
-    for model, target in targets.items():
-        spares = spares_of(model)
-        for w in spares[: max(0, len(spares) - target)]:
-            if now - w.created_at >= SPARE_MIN_LIFE_S:
-                stop(w, "spare_surplus")
-        surplus.extend(spares_of(model)[: max(0, len(spares_of(model)) - floors[model])])
 
     def kept() -> list[WorkerView]:
         return [w for w in live if w.id not in stops]
 
+    def reserve() -> list[WorkerView]:
+        counted = (WorkerState.READY, WorkerState.IDLE) if mode == "minted" else (WorkerState.READY,)
+        return [w for w in kept() if w.state in counted]
+
+    if policy.idle_ttl_s:
+        # Available workers unused this long go, least recently used first, but the
+        # ``idle_min`` most recently used members of the reserve stay.
+        members = {w.id for w in reserve()}
+        stale = sorted((w for w in kept() if w.available and now - w.last_used >= policy.idle_ttl_s),
+                       key=lambda w: w.last_used, reverse=True)
+        kept_reserve = sum(1 for w in reserve() if w not in stale)
+        for w in stale:
+            if w.state is WorkerState.READY and now - w.created_at < SPARE_MIN_LIFE_S:
+                continue
+            if w.id in members and kept_reserve < policy.idle_min:
+                kept_reserve += 1
+                continue
+            stop(w, "idle_ttl")
+
     total = sum(w.rss for w in kept())
     if policy.memory_budget and total > policy.memory_budget:
         idle = sorted((w for w in kept() if w.state is WorkerState.IDLE), key=lambda w: w.last_used)
-        for w in [*idle, *surplus]:
+        spares = sorted((w for w in kept() if w.state is WorkerState.READY), key=lambda w: w.created_at)
+        for w in [*idle, *spares[policy.idle_min:]]:
             if total <= policy.memory_budget:
                 break
-            if w.id in stops:
-                continue
             stop(w, "memory")
             total -= w.rss
 
+    busy = sum(1 for w in kept() if w.state is WorkerState.BUSY)
+    starting = sum(1 for w in kept() if w.state is WorkerState.STARTING)
+    target = reserve_target(policy, peak, busy)
+    missing = max(0, target - len(reserve()) - starting)
+    below_floor = max(0, policy.idle_min - len(reserve()) - starting)
     # Processes being stopped still count against the cap until they are dead.
     room = policy.max_workers - reserved - len(live) - stopping
     spawn_room = policy.max_concurrent_spawns - in_flight
     measured = [w.rss for w in kept() if w.rss]
     per_worker = sorted(measured)[len(measured) // 2] if measured else DEFAULT_WORKER_RSS
-    memory_room = (
-        math.floor((policy.memory_budget - total) / per_worker) if policy.memory_budget else len(workers) + policy.max_workers
-    )
-    # The configured minimum spares always start (the operator's reservation, never evicted
-    # for memory); spares above it, for demand, only as far as the memory budget allows.
-    floor_wanted: list[str] = []
-    demand_wanted: list[str] = []
-    for model, target in targets.items():
-        have = sum(
-            1 for w in kept()
-            if (w.model_id or "") == model and w.state in (WorkerState.READY, WorkerState.STARTING)
-        )
-        missing = max(0, target - have)
-        below_floor = min(missing, max(0, floors[model] - have))
-        floor_wanted.extend([model] * below_floor)
-        demand_wanted.extend([model] * (missing - below_floor))
-    wanted = floor_wanted + demand_wanted[: max(0, memory_room - len(floor_wanted))]
-    if len(wanted) > room:
-        # At the cap: idle session workers not used lately give way to the spares new
-        # conversations need.
+    memory_room = (math.floor((policy.memory_budget - total) / per_worker) if policy.memory_budget
+                   else policy.max_workers)
+    # The minimum reserve always starts (the operator's reservation); growth with demand only
+    # as far as the memory budget allows.
+    wanted = below_floor + min(missing - below_floor, max(0, memory_room - below_floor))
+    if mode == "fresh" and wanted > room:
         idle = sorted(
             (w for w in kept() if w.state is WorkerState.IDLE and now - w.last_used >= RECENTLY_USED_S),
             key=lambda w: w.last_used,
         )
-        for w in idle[: len(wanted) - max(0, room)]:
+        for w in idle[: wanted - max(0, room)]:
             stop(w, "room_for_spare")
-    starts = wanted[: max(0, min(room, spawn_room))]
-    return Plan(tuple(starts), tuple(stops.values()))
+    return Plan(max(0, min(wanted, room, spawn_room)), tuple(stops.values()))

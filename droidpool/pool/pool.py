@@ -1,12 +1,13 @@
-"""The worker pool: warm spares, session-bound workers, bounded admission, leases that always end."""
+"""The worker pool: any available worker serves any request, bounded admission, leases that always end."""
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -14,6 +15,7 @@ import anyio.abc
 import structlog
 
 from droidpool import errors
+from droidpool.droid import sessions
 from droidpool.droid.worker import (
     DroidRequestError,
     LaunchSpec,
@@ -23,7 +25,16 @@ from droidpool.droid.worker import (
 )
 
 from . import procfs
-from .policy import Assignment, Plan, PoolPolicy, WorkerView, assign, reconcile
+from .policy import (
+    Assignment,
+    Plan,
+    PoolPolicy,
+    SessionMode,
+    StopReason,
+    WorkerView,
+    assign,
+    reconcile,
+)
 from .policy import Want as Want  # re-exported: callers lease with pool.Want
 
 log = structlog.get_logger(__name__)
@@ -33,10 +44,11 @@ BACKOFF_MAX_S = 30.0
 NOT_READY_AFTER_FAILURES = 3
 RECONCILE_EVERY_S = 1.0
 MAX_RETRIES_BEFORE_TURN = 2
-DEMAND_WINDOW_S = 30.0  # new conversations counted over this window size the spares
+DEMAND_WINDOW_S = 300.0  # the peak of concurrent requests over this window sizes the reserve
 
 
-# --- the pool --------------------------------------------------------------------------------
+class MintFailed(Exception):
+    """A minted session did not load as written: droid's format is not the one droidpool knows."""
 
 
 class Summary:
@@ -57,7 +69,12 @@ class Summary:
 
 
 class Pool:
-    """Owns every worker. ``async with pool:`` runs it; ``async with pool.lease(...)`` borrows one."""
+    """Owns every worker. ``async with pool:`` runs it; ``async with pool.lease(...)`` borrows one.
+
+    New conversations start in minted sessions once a self-test on the first worker has shown
+    that droid loads them as written (``mode`` ``minted``); until then, if the test fails, or if
+    ``mint`` is off, each needs a fresh spare (``mode`` ``fresh``).
+    """
 
     def __init__(
         self,
@@ -66,11 +83,15 @@ class Pool:
         base_settings: SessionSettings,
         policy: PoolPolicy,
         worker_factory: Callable[[LaunchSpec, str | None], Worker] = Worker,
+        mint: bool = True,
     ) -> None:
         self.spec = spec
         self.base_settings = base_settings
         self.policy = policy
         self._factory = worker_factory
+        self.mint = mint and bool(spec.sessions_dir)
+        self.mode: SessionMode = "fresh"
+        self.self_test = "pending" if self.mint else "off (pool.mint_sessions = false)"
         self.workers: list[Worker] = []
         self.available_models: list[dict[str, Any]] = []
         self._waiters: collections.deque[anyio.Event] = collections.deque()
@@ -84,7 +105,7 @@ class Pool:
         self.spawn_failures = 0
         self.last_spawn_error: str | None = None
         self._backoff_until = 0.0
-        self._new_sessions: collections.deque[tuple[float, str]] = collections.deque(maxlen=1024)
+        self._pressure: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)
         self.counters: collections.Counter[str] = collections.Counter()
         self.queue_wait = Summary()
         self.peak_workers = 0
@@ -97,7 +118,7 @@ class Pool:
     def __repr__(self) -> str:
         states = collections.Counter(w.state.value for w in self.workers)
         parts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
-        return f"<Pool [{parts or 'empty'}, {len(self._waiters)} queued] cap={self.max_workers}>"
+        return f"<Pool [{parts or 'empty'}, {len(self._waiters)} queued] cap={self.max_workers} {self.mode}>"
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -131,10 +152,13 @@ class Pool:
 
     def reconfigure(self, policy: PoolPolicy, spec: LaunchSpec | None = None) -> None:
         """Apply a reloaded config; running turns are untouched. Spares of an old launch
-        spec are replaced; used workers keep it until they are recycled."""
+        spec are replaced, and a new droid is self-tested again; used workers keep the old
+        spec until they are recycled."""
         self.policy = policy
         if spec is not None and spec != self.spec:
             self.spec = spec
+            if self.mint:
+                self.mode, self.self_test = "fresh", "pending"
             for worker in self.workers:
                 if worker.state is WorkerState.READY:
                     self._retire_soon(worker, "reconfigured")
@@ -157,18 +181,24 @@ class Pool:
             "max_workers": self.max_workers,
             "spawn_failures_in_a_row": self.spawn_failures,
             "queue_wait": self.queue_wait.snapshot(),
+            "session_mode": self.mode,
             **{f"{name}_total": value for name, value in sorted(self.counters.items())},
         }
+
+    def sessions_status(self) -> dict[str, str]:
+        """How new conversations start, and what the self-test found (for /readyz, doctor)."""
+        return {"mode": self.mode, "self_test": self.self_test}
 
     def counts(self) -> dict[str, int]:
         states = collections.Counter(w.state.value for w in self.workers)
         return {s.value: states.get(s.value, 0) for s in WorkerState} | {"queued": len(self._waiters)}
 
     async def wait_warm(self, timeout: float) -> bool:
-        """Wait until the configured spares are ready (for readiness notification)."""
-        want = sum(m.spares for m in self.policy.specs())
+        """Wait until ``idle_min`` workers are available and the self-test has run (for
+        readiness notification)."""
         with anyio.move_on_after(timeout):
-            while sum(1 for w in self.workers if w.state is WorkerState.READY) < want:
+            while (sum(1 for w in self.workers if w.state in (WorkerState.READY, WorkerState.IDLE))
+                   < self.policy.idle_min or (self.self_test == "pending" and self.policy.idle_min)):
                 if self.spawn_failures >= NOT_READY_AFTER_FAILURES:
                     return False
                 await anyio.sleep(0.05)
@@ -194,7 +224,7 @@ class Pool:
 
     @asynccontextmanager
     async def lease(self, want: Want) -> AsyncIterator[Worker]:
-        """A worker holding ``want``'s session (loaded or new), BUSY until the block ends."""
+        """A worker holding ``want``'s session (loaded, or new), BUSY until the block ends."""
         worker = await self._acquire(want)
         try:
             yield worker
@@ -209,11 +239,12 @@ class Pool:
         ticket: anyio.Event | None = None
         crashes_before_turn = 0
         head = False  # a woken waiter decides before newcomers
+        self._note_pressure(1)
         try:
             while True:
                 decision = Assignment("wait")
                 if head or not self._waiters:
-                    decision = assign(self.views(), want, self.max_workers - self._reserved)
+                    decision = assign(self.views(), want, self.max_workers - self._reserved, self.mode)
                 if decision.action != "wait":
                     try:
                         worker = await self._apply(decision, want)
@@ -224,10 +255,10 @@ class Pool:
                             raise
                         log.warning("pool.retry_after_crash", attempt=crashes_before_turn)
                         continue
+                    except MintFailed:
+                        continue  # now in fresh mode: decide again
                     if worker is not None:
                         self.queue_wait.add(time.monotonic() - started)
-                        if want.session_id is None:
-                            self._new_sessions.append((time.monotonic(), want.settings.model_id or ""))
                         return worker
                     continue
                 if ticket is None and len(self._waiters) >= self.policy.queue_size:
@@ -238,6 +269,7 @@ class Pool:
                     )
                 ticket = anyio.Event()
                 (self._waiters.appendleft if head else self._waiters.append)(ticket)
+                self._kick()  # the supervisor may grow the pool for it
                 with anyio.move_on_after(deadline - time.monotonic()):
                     await ticket.wait()
                 if not ticket.is_set():
@@ -294,8 +326,11 @@ class Pool:
         worker = self._new_worker(want.settings.model_id)
         worker.state = WorkerState.BUSY
         self._add(worker)
+        self.counters["spawns_on_request"] += 1
         try:
             await self._spawn(worker)
+            if self.self_test == "pending" and not await self._self_test(worker):
+                raise MintFailed(self.self_test)  # it loaded a session: not fresh; decide again
             await self._prepare(worker, want)
         except BaseException:
             await self._discard(worker)
@@ -312,22 +347,82 @@ class Pool:
                     await worker.set_model(want.settings.model_id)
                 if want.settings.reasoning_effort:
                     await worker.set_reasoning_effort(want.settings.reasoning_effort)
+            elif self.mode == "minted":
+                await self._start_minted(worker, want.settings)
             elif worker.settings != want.settings or worker.session_id is None:
-                # Safe only because this process has run no turn (droid leaks old context).
+                # Safe only because this process has held no conversation (droid leaks old context).
                 await worker.initialize(want.settings, self.policy.spawn_timeout_s)
             self._remember_models(worker)
         except DroidRequestError as exc:
-            if exc.code == SESSION_NOT_FOUND:
+            if exc.code == SESSION_NOT_FOUND and want.session_id is not None:
                 raise errors.SessionNotFound(f"droid has no session {want.session_id}") from None
+            if want.session_id is None and self.mode == "minted":
+                self._mint_broken(f"droid refused {exc.method} of a minted session: {exc.droid_message}")
+                raise MintFailed(str(exc)) from None
             raise errors.UpstreamError(f"droid refused {exc.method}: {exc.droid_message}") from None
+
+    async def _start_minted(self, worker: Worker, settings: SessionSettings) -> None:
+        """A new conversation in ``worker``: write its session, load it, check what droid holds."""
+        minted = sessions.mint(Path(self.spec.sessions_dir), Path(self.spec.cwd) / "sessions", settings,
+                               self.spec.session_title)
+        result = await worker.load_session(minted.session_id, self.policy.spawn_timeout_s)
+        problems = sessions.check_loaded(result, minted, settings)
+        if problems:
+            self._mint_broken("; ".join(problems))
+            raise MintFailed("; ".join(problems))
+        worker.adopt(settings, minted.cwd)
+        self.counters["sessions_minted"] += 1
+
+    async def _self_test(self, worker: Worker) -> bool:
+        """Load a session written the way droidpool writes them, and check droid holds exactly
+        it: one empty message, the system prompt written, its working directory."""
+        marker = f"droidpool self-test {uuid.uuid4().hex}"
+        settings = SessionSettings(model_id=self.base_settings.model_id, system_prompt=marker,
+                                   autonomy="off", disabled_tool_ids=self.base_settings.disabled_tool_ids)
+        try:
+            minted = sessions.mint(Path(self.spec.sessions_dir), Path(self.spec.cwd) / "self-test", settings,
+                                   self.spec.session_title)
+            result = await worker.load_session(minted.session_id, self.policy.spawn_timeout_s)
+            problems = sessions.check_loaded(result, minted, settings)
+        except DroidRequestError as exc:
+            problems = [f"droid refused droid.load_session: {exc.droid_message}"]
+        except OSError as exc:
+            problems = [f"cannot write a session in {self.spec.sessions_dir}: {exc}"]
+        if problems:
+            self._mint_broken("; ".join(problems))
+            return False
+        self.mode, self.self_test = "minted", "ok"
+        log.info("pool.session_self_test", result="ok", mode=self.mode)
+        return True
+
+    def _mint_broken(self, why: str) -> None:
+        """droid does not load minted sessions as written: fall back to a fresh process per new
+        conversation, and retire the spares that are not fresh."""
+        self.counters["session_self_test_failures"] += 1
+        self.mode, self.self_test = "fresh", f"failed: {why}"
+        log.error("pool.session_self_test", result="failed", reason=why, mode=self.mode,
+                  consequence="each new conversation now needs a new droid process (~0.6 s)")
+        for worker in self.workers:
+            if worker.state is WorkerState.READY and worker.used:
+                self._retire_soon(worker, "reconfigured")
+        self._kick()
 
     def _release(self, worker: Worker) -> None:
         if worker.state is WorkerState.BUSY:
-            worker.state = WorkerState.IDLE if worker.turns else WorkerState.READY
+            worker.state = WorkerState.IDLE if worker.used else WorkerState.READY
         worker.last_used = time.monotonic()
+        self._note_pressure(0)
         self._prune()
         self._wake_one()
         self._kick()
+
+    def _note_pressure(self, arriving: int) -> None:
+        busy = sum(1 for w in self.workers if w.state is WorkerState.BUSY)
+        self._pressure.append((time.monotonic(), busy + len(self._waiters) + arriving))
+
+    def peak(self, now: float) -> int:
+        """The most requests running or waiting at once over the last ``DEMAND_WINDOW_S``."""
+        return max((n for at, n in self._pressure if now - at <= DEMAND_WINDOW_S), default=0)
 
     async def _spawn(self, worker: Worker) -> None:
         """Start a process and wait until it answers; failures feed the backoff."""
@@ -422,17 +517,10 @@ class Pool:
 
     # --- supervision -------------------------------------------------------------------------
 
-    def demand(self, now: float) -> dict[str, int]:
-        counts: collections.Counter[str] = collections.Counter()
-        for at, model in self._new_sessions:
-            if now - at <= DEMAND_WINDOW_S:
-                counts[model] += 1
-        return dict(counts)
-
     def plan(self) -> Plan:
         """The supervisor's next step (pure: see policy.reconcile)."""
         now = time.monotonic()
-        return reconcile(self.views(), self.policy, now, demand=self.demand(now),
+        return reconcile(self.views(), self.policy, now, mode=self.mode, peak=self.peak(now),
                          in_flight=self._spawning, reserved=self._reserved)
 
     def _measure(self) -> None:
@@ -455,8 +543,8 @@ class Pool:
                     if worker is not None:
                         self._retire_soon(worker, stop.reason)
                 if time.monotonic() >= self._backoff_until:
-                    for model_id in plan.start:
-                        worker = self._new_worker(model_id or None)
+                    for _ in range(plan.start):
+                        worker = self._new_worker(self.base_settings.model_id)
                         self._add(worker)
                         assert self._tg is not None
                         self._tg.start_soon(self._start_spare, worker)
@@ -464,7 +552,7 @@ class Pool:
                 await self._wake_reconcile.wait()
             self._wake_reconcile = anyio.Event()
 
-    def _retire_soon(self, worker: Worker, reason: str) -> None:
+    def _retire_soon(self, worker: Worker, reason: StopReason) -> None:
         """Stop an idle worker or a spare in the background; a busy one is left alone."""
         if worker.state not in (WorkerState.IDLE, WorkerState.READY):
             return
@@ -480,12 +568,14 @@ class Pool:
         self._tg.start_soon(self._stop, worker)
 
     async def _start_spare(self, worker: Worker) -> None:
-        settings = self.base_settings
-        if worker.model_id is not None:
-            settings = dataclasses.replace(settings, model_id=worker.model_id)
         try:
             await self._spawn(worker)
-            await worker.initialize(settings, self.policy.spawn_timeout_s)
+            if self.self_test == "pending":
+                if not await self._self_test(worker):
+                    await self._discard(worker)  # it loaded a session: not a fresh spare
+                    return
+            elif self.mode == "fresh":
+                await worker.initialize(self.base_settings, self.policy.spawn_timeout_s)
             self._remember_models(worker)
         except (errors.DroidpoolError, DroidRequestError, TimeoutError) as exc:
             log.warning("pool.spare_failed", worker=worker.id, error=str(exc))
@@ -493,5 +583,5 @@ class Pool:
             return
         if worker.state is WorkerState.STARTING:
             worker.state = WorkerState.READY
-            log.info("pool.spare_ready", worker=worker.id, pid=worker.pid, model=worker.model_id)
+            log.info("pool.spare_ready", worker=worker.id, pid=worker.pid, mode=self.mode)
         self._wake_one()

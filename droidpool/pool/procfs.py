@@ -37,6 +37,17 @@ def group_rss(pgids: Iterable[int]) -> dict[int, int]:
     return totals
 
 
+def mem_available() -> int:
+    """Bytes of memory available for new processes (``MemAvailable`` in /proc/meminfo)."""
+    try:
+        for line in (PROC / "meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def process_rss(pid: int) -> int:
     fields = _stat_fields(PROC / str(pid))
     return int(fields[21]) * PAGE if fields else 0

@@ -157,7 +157,7 @@ def main() -> None:
         daemon = start_daemon(tmp, {
             "server": {"log_level": "info"},
             "droid": {"binary": binary, "home": str(home), "airgap": True},
-            "pool": {"max_workers": 6, "models": [{"id": MODEL, "spares": 1}]},
+            "pool": {"max_workers": 6, "models": [{"id": MODEL}], "idle_min": 1},
         }, ready_timeout=60)
         print(f"droidpool + droid {binary}, model {MODEL}, {args.rounds} rounds", flush=True)
         samples = asyncio.run(rounds(daemon, args.rounds))

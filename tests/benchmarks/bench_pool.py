@@ -363,7 +363,7 @@ async def scenario_ttft(run: Run, tag: str) -> dict[str, Any]:
     follow_ms: list[float] = []
     cold = 0
     errors: list[str] = []
-    async with daemon_for(run, "ttft", {"max_workers": 4, "models": [{"id": PACED, "spares": 1}]}) as (
+    async with daemon_for(run, "ttft", {"max_workers": 4, "models": [{"id": PACED}], "idle_min": 1}) as (
         daemon, _http, pool,
     ):
         await pool.quiet()
@@ -478,7 +478,7 @@ async def _raw_conversations(run: Run, n: int, tag: str) -> tuple[float, list[fl
 
 async def scenario_concurrency(run: Run, tag: str) -> dict[str, Any]:
     n = CONC_CONVERSATIONS
-    pool_section = {"max_workers": 12, "models": [{"id": PACED, "spares": n}]}
+    pool_section = {"max_workers": 12, "models": [{"id": PACED}], "idle_min": n}
     async with daemon_for(run, "concurrency", pool_section) as (daemon, http, pool):
 
         async def warm() -> None:
@@ -537,7 +537,7 @@ async def scenario_idle_rss(run: Run) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for spares in (1, 3):
         name = f"idle_rss_{spares}"
-        async with daemon_for(run, name, {"max_workers": 4, "models": [{"id": PACED, "spares": spares}]}) as (
+        async with daemon_for(run, name, {"max_workers": 4, "models": [{"id": PACED}], "idle_min": spares}) as (
             daemon, _http, pool,
         ):
             await wait_workers(
@@ -567,7 +567,7 @@ async def scenario_idle_rss(run: Run) -> dict[str, Any]:
 async def scenario_burst(run: Run, tag: str) -> dict[str, Any]:
     pool_section = {
         "max_workers": BURST_CAP, "queue_size": 64, "queue_timeout_s": 120.0,
-        "models": [{"id": PACED, "spares": 1}],
+        "models": [{"id": PACED}], "idle_min": 1,
     }
     async with daemon_for(run, "burst", pool_section) as (daemon, http, pool):
         await pool.quiet()
@@ -620,7 +620,7 @@ async def scenario_burst(run: Run, tag: str) -> dict[str, Any]:
 async def scenario_rotation(run: Run, tag: str) -> dict[str, Any]:
     pool_section = {
         "max_workers": ROTATION_CAP, "memory_budget_mb": ROTATION_BUDGET_MB,
-        "models": [{"id": ECHO, "spares": 1}],
+        "models": [{"id": ECHO}], "idle_min": 1,
     }
     # Only this scenario's requests are checked; start the record afresh (smaller to fetch).
     async with (

@@ -162,7 +162,7 @@ def main() -> None:
         config = {
             "server": {"state_dir": str(tmp / "state"), "log_level": "info"},
             "droid": {"binary": binary, "home": str(home), "airgap": True},
-            "pool": {"max_workers": args.max_workers, "models": [{"id": MODEL, "spares": 1}]},
+            "pool": {"max_workers": args.max_workers, "models": [{"id": MODEL}], "idle_min": 1},
         }
         for name in ("first", "second"):
             (tmp / name).mkdir()

@@ -683,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tmp,
             {
                 "droid": {"binary": binary, "home": str(home), "airgap": True},
-                "pool": {"max_workers": 4, "models": [{"id": MODEL, "spares": 1}]},
+                "pool": {"max_workers": 4, "models": [{"id": MODEL}], "idle_min": 1},
             },
             ready_timeout=60,
         )

@@ -28,7 +28,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, real_droid: str, fake_llm: 
         tmp,
         {
             "droid": {"binary": real_droid, "home": str(home), "airgap": True},
-            "pool": {"max_workers": 3, "models": [{"id": PACED, "spares": 1}]},
+            "pool": {"max_workers": 3, "models": [{"id": PACED}], "idle_min": 1},
             "models": {"aliases": {"claude-opus-5-5": PACED}},
             "deadlines": {"first_token_s": 20.0, "turn_s": 60.0},
         },

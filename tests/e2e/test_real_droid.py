@@ -33,7 +33,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, real_droid: str, fake_llm: 
         tmp,
         {
             "droid": {"binary": real_droid, "home": str(home), "airgap": True},
-            "pool": {"max_workers": 4, "models": [{"id": "custom:fake-paced", "spares": 1}]},
+            "pool": {"max_workers": 4, "models": [{"id": "custom:fake-paced"}], "idle_min": 1},
             "deadlines": {"first_token_s": 20.0, "turn_s": 60.0},
         },
         ready_timeout=60,

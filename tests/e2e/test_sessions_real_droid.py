@@ -47,7 +47,7 @@ def sections(real_droid: str, home: Path, state: Path, max_workers: int = 4) -> 
     return {
         "server": {"state_dir": str(state)},
         "droid": {"binary": real_droid, "home": str(home), "airgap": True},
-        "pool": {"max_workers": max_workers, "models": [{"id": ECHO, "spares": 1}], "queue_timeout_s": 60.0},
+        "pool": {"max_workers": max_workers, "models": [{"id": ECHO}], "idle_min": 1, "queue_timeout_s": 60.0},
         "deadlines": {"first_token_s": 30.0, "turn_s": 60.0},
     }
 

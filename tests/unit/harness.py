@@ -47,7 +47,7 @@ async def served(
         "droid.home": str(home),
         "server.state_dir": str(tmp_path / "state"),
         "server.keepalive_s": 5.0,
-        "pool.models": [{"id": MODEL, "spares": 1}],
+        "pool.models": [{"id": MODEL}],
         "pool.max_workers": 3,
         "pool.stop_grace_s": 1.0,
         "deadlines.interrupt_grace_s": 1.0,

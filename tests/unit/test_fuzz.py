@@ -29,7 +29,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     (tmp / "home").mkdir()
     daemon = start_daemon(tmp, {
         "droid": {"binary": str(FAKE_DROID), "home": str(tmp / "home")},
-        "pool": {"max_workers": 2, "models": [{"id": "custom:fake-model", "spares": 1}]},
+        "pool": {"max_workers": 2, "models": [{"id": "custom:fake-model"}], "idle_min": 1},
         "server": {"max_body_bytes": MAX_BODY, "log_level": "warning", "body_timeout_s": 1.0},
     })
     yield daemon

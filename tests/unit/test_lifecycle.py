@@ -21,7 +21,7 @@ def sections(tmp_path: Path, **pool: Any) -> dict[str, dict[str, Any]]:
     (tmp_path / "home").mkdir(exist_ok=True)
     return {
         "droid": {"binary": str(FAKE_DROID), "home": str(tmp_path / "home")},
-        "pool": {"max_workers": 4, "models": [{"id": "custom:fake-model", "spares": 1}], **pool},
+        "pool": {"max_workers": 4, "models": [{"id": "custom:fake-model"}], "idle_min": 1, **pool},
         "server": {"drain_grace_s": 10.0},
     }
 
@@ -110,7 +110,7 @@ def test_sighup_reloads_the_pool_without_dropping_a_turn(tmp_path: Path) -> None
         turn.start()
         wait_until(lambda: daemon.get("/readyz")[1]["workers"]["busy"] == 1, 10, "the turn to start")
         write_config(tmp_path / "droidpool.toml", {
-            **sections(tmp_path, models=[{"id": "custom:fake-model", "spares": 2}]),
+            **sections(tmp_path, models=[{"id": "custom:fake-model"}], idle_min=2),
             "server": {"port": daemon.port, "state_dir": str(tmp_path / "state")},
         })
         daemon.process.send_signal(signal.SIGHUP)

@@ -5,22 +5,24 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from droidpool.config import ModelSpec
 from droidpool.droid.worker import SessionSettings, WorkerState
 from droidpool.pool.policy import (
     MB,
     RECENTLY_USED_S,
     SPARE_MIN_LIFE_S,
     PoolPolicy,
+    SessionMode,
     Want,
     WorkerView,
     assign,
+    auto_max_workers,
     reconcile,
-    spare_targets,
+    reserve_target,
 )
 
 S = SessionSettings(model_id="m")
-R, I, B, ST, D = WorkerState.READY, WorkerState.IDLE, WorkerState.BUSY, WorkerState.STARTING, WorkerState.DEAD
+R, I, B, ST, D, SP = (WorkerState.READY, WorkerState.IDLE, WorkerState.BUSY, WorkerState.STARTING, WorkerState.DEAD,
+                      WorkerState.STOPPING)
 NOW = 10_000.0
 
 
@@ -30,11 +32,11 @@ def view(i: int, state: WorkerState, session: str | None = None, used: float = 0
 
 
 def policy(**kw: object) -> PoolPolicy:
-    base: dict[str, object] = {"max_workers": 4, "models": (ModelSpec("m", 1),)}
+    base: dict[str, object] = {"max_workers": 4, "idle_min": 1, "idle_max": 4}
     return PoolPolicy(**{**base, **kw})  # type: ignore[arg-type]
 
 
-# --- assignment ------------------------------------------------------------------------------
+# --- assignment: minted mode ---------------------------------------------------------------------
 
 
 def test_follow_up_goes_to_the_worker_holding_its_session() -> None:
@@ -42,82 +44,107 @@ def test_follow_up_goes_to_the_worker_holding_its_session() -> None:
     assert assign(workers, Want(S, "b"), 4).worker_id == 2
 
 
-def test_evicted_session_loads_into_the_least_recently_used_idle_worker() -> None:
+def test_an_evicted_session_loads_into_a_spare_first_then_the_lru_idle_worker() -> None:
     workers = [view(1, I, "a", 5), view(2, I, "b", 1), view(3, R)]
-    decision = assign(workers, Want(S, "z"), 4)
-    assert (decision.action, decision.worker_id) == ("take", 2)
+    assert assign(workers, Want(S, "z"), 4).worker_id == 3  # a spare displaces no warm session
+    assert assign(workers[:2], Want(S, "z"), 4).worker_id == 2
 
 
-def test_new_conversation_takes_a_matching_spare_then_any_spare() -> None:
+def test_a_new_conversation_takes_any_available_worker_and_never_spawns_while_one_is_idle() -> None:
     other = SessionSettings(model_id="x")
-    workers = [view(1, R, settings=other, model="x"), view(2, R, settings=S)]
-    assert assign(workers, Want(S), 4).worker_id == 2
-    assert assign([workers[0]], Want(S), 4).worker_id == 1
+    assert assign([view(1, R, settings=other, model="x"), view(2, R, settings=S)], Want(S), 4).worker_id == 2
+    assert assign([view(1, I, "a", 9), view(2, I, "b", 3)], Want(S), 4).worker_id == 2  # LRU idle
+    assert assign([view(1, I, "a"), view(2, B, "b")], Want(S), 2).action == "take"
 
 
-def test_new_conversation_never_takes_a_used_worker() -> None:
-    assert assign([view(1, I, "a")], Want(S), 4).action == "spawn"
-
-
-def test_at_the_cap_the_lru_idle_worker_is_evicted_for_a_new_conversation() -> None:
-    workers = [view(1, I, "a", 9), view(2, I, "b", 3), view(3, B, "c")]
-    decision = assign(workers, Want(S), 3)
-    assert (decision.action, decision.evict_id) == ("spawn", 2)
-
-
-def test_all_busy_at_the_cap_waits() -> None:
+def test_only_when_nothing_is_available_a_worker_is_spawned_within_the_cap() -> None:
+    assert assign([view(1, B, "a")], Want(S), 2).action == "spawn"
     workers = [view(1, B, "a"), view(2, ST)]
     assert assign(workers, Want(S), 2).action == "wait"
     assert assign(workers, Want(S, "a"), 2).action == "wait"
 
 
-# --- reconciliation --------------------------------------------------------------------------
+# --- assignment: fresh mode (the fallback) -------------------------------------------------------
 
 
-def test_spares_fill_up_within_the_cap_and_the_spawn_throttle() -> None:
-    p = policy(models=(ModelSpec("m", 2), ModelSpec("n", 1)), max_concurrent_spawns=2)
-    assert reconcile([], p, NOW).start == ("m", "m")
-    assert reconcile([view(1, R), view(2, ST)], p, NOW).start == ("n",)
-    assert reconcile([], p, NOW, in_flight=2).start == ()
+def test_fresh_mode_never_gives_a_used_worker_a_new_conversation() -> None:
+    assert assign([view(1, I, "a")], Want(S), 4, "fresh").action == "spawn"
+    assert assign([view(1, I, "a"), view(2, R)], Want(S), 4, "fresh").worker_id == 2
 
 
-def test_default_model_spares_are_counted() -> None:
-    """With no models configured, "" stands for droid's default model (model_id None)."""
-    p = policy(models=())
-    assert reconcile([view(1, R, model=None)], p, NOW).start == ()
-    assert reconcile([], p, NOW).start == ("",)
+def test_fresh_mode_keeps_spares_for_new_conversations() -> None:
+    workers = [view(1, I, "a", 5), view(2, I, "b", 1), view(3, R)]
+    assert assign(workers, Want(S, "z"), 4, "fresh").worker_id == 2
 
 
-def test_at_the_cap_an_idle_session_worker_gives_way_to_a_spare() -> None:
+def test_fresh_mode_at_the_cap_evicts_the_lru_idle_worker_for_a_new_conversation() -> None:
+    workers = [view(1, I, "a", 9), view(2, I, "b", 3), view(3, B, "c")]
+    decision = assign(workers, Want(S), 3, "fresh")
+    assert (decision.action, decision.evict_id) == ("spawn", 2)
+
+
+# --- reconciliation ----------------------------------------------------------------------------
+
+
+def test_the_reserve_follows_the_recent_peak_between_idle_min_and_idle_max() -> None:
+    p = policy(idle_min=1, idle_max=4)
+    assert reserve_target(p, peak=0, busy=0) == 1
+    assert reserve_target(p, peak=3, busy=0) == 3
+    assert reserve_target(p, peak=3, busy=3) == 1
+    assert reserve_target(p, peak=9, busy=1) == 4
+
+
+def test_workers_start_until_the_reserve_is_met_within_cap_and_throttle() -> None:
+    p = policy(max_concurrent_spawns=2)
+    assert reconcile([], p, NOW).start == 1
+    assert reconcile([], p, NOW, peak=3).start == 2  # throttled
+    assert reconcile([view(1, ST)], p, NOW, peak=3).start == 2
+    assert reconcile([], p, NOW, peak=3, in_flight=2).start == 0
+    assert reconcile([view(1, B, "a")], p, NOW, peak=1).start == 1  # the idle minimum, beyond the running one
+
+
+def test_in_minted_mode_idle_session_workers_count_as_the_reserve() -> None:
+    workers = [view(1, I, "a", used=NOW), view(2, B, "b")]
+    assert reconcile(workers, policy(), NOW).start == 0
+    assert reconcile(workers, policy(), NOW, mode="fresh").start == 1  # fresh mode: spares only
+
+
+def test_fresh_mode_at_the_cap_an_idle_session_worker_gives_way_to_a_spare() -> None:
     workers = [view(1, I, "a", used=NOW - 100), view(2, I, "b", used=NOW - 200), view(3, B, "c"), view(4, B, "d")]
-    plan = reconcile(workers, policy(), NOW)
-    assert plan.start == ()  # the victim still counts until it is dead
+    plan = reconcile(workers, policy(), NOW, mode="fresh")
+    assert plan.start == 0  # the victim still counts until it is dead
     assert [(s.worker_id, s.reason) for s in plan.stop] == [(2, "room_for_spare")]
     after = [w for w in workers if w.id != 2]
-    assert reconcile(after, policy(), NOW).start == ("m",)
-
-
-def test_a_conversation_that_just_ran_keeps_its_worker_over_a_spare() -> None:
-    workers = [view(1, I, "a", used=NOW - RECENTLY_USED_S + 1), view(2, B, "c"), view(3, B, "d"), view(4, B, "e")]
-    plan = reconcile(workers, policy(), NOW)
-    assert plan.stop == () and plan.start == ()
+    assert reconcile(after, policy(), NOW, mode="fresh").start == 1
+    recent = [view(1, I, "a", used=NOW - RECENTLY_USED_S + 1), view(2, B, "c"), view(3, B, "d"), view(4, B, "e")]
+    assert reconcile(recent, policy(), NOW, mode="fresh").stop == ()
+    assert reconcile(workers, policy(), NOW).stop == ()  # minted mode never needs that
 
 
 def test_worn_idle_workers_and_old_spares_are_recycled() -> None:
-    p = policy(max_turns=100, max_worker_rss=400 * MB, idle_ttl_s=600, spare_max_age_s=3600)
+    p = policy(max_turns=100, max_worker_rss=400 * MB, spare_max_age_s=3600)
     workers = [
         view(1, I, "a", used=NOW, turns=100),
         view(2, I, "b", used=NOW, rss=450 * MB),
-        view(3, I, "c", used=NOW - 700),
         view(4, R, created=NOW - 4000),
         view(5, B, "e", turns=500, rss=900 * MB),  # busy: never touched
     ]
     reasons = {s.worker_id: s.reason for s in reconcile(workers, p, NOW).stop}
-    assert reasons == {1: "recycle_turns", 2: "recycle_rss", 3: "idle_ttl", 4: "spare_age"}
+    assert reasons == {1: "recycle_turns", 2: "recycle_rss", 4: "spare_age"}
 
 
-def test_over_the_memory_budget_lru_idle_go_first_then_surplus_spares() -> None:
-    p = policy(models=(ModelSpec("m", 1, 3),), memory_budget=1000 * MB)
+def test_available_workers_unused_for_the_ttl_go_but_idle_min_stays() -> None:
+    p = policy(idle_min=1, idle_ttl_s=600)
+    workers = [view(1, I, "a", used=NOW - 700), view(2, I, "b", used=NOW - 900), view(3, R, used=NOW - 800)]
+    stops = {s.worker_id: s.reason for s in reconcile(workers, p, NOW).stop}
+    assert stops == {2: "idle_ttl", 3: "idle_ttl"}  # the most recently used one stays
+    fresh_spare = [view(1, R, used=NOW - 700, created=NOW - SPARE_MIN_LIFE_S + 1), view(2, R, used=NOW - 700)]
+    assert {s.worker_id for s in reconcile(fresh_spare, policy(idle_min=0, idle_ttl_s=600), NOW).stop} == {2}
+    assert reconcile([view(1, I, "a", used=NOW - 10)], p, NOW).stop == ()
+
+
+def test_over_the_memory_budget_lru_idle_go_first_then_spares_above_idle_min() -> None:
+    p = policy(memory_budget=1000 * MB)
     workers = [
         view(1, I, "a", used=50, rss=300 * MB),
         view(2, I, "b", used=10, rss=300 * MB),
@@ -125,37 +152,22 @@ def test_over_the_memory_budget_lru_idle_go_first_then_surplus_spares() -> None:
         view(4, R, created=2, rss=200 * MB),
         view(5, B, "c", rss=300 * MB),
     ]
-    plan = reconcile(workers, p, NOW, demand={"m": 2})
-    assert [(s.worker_id, s.reason) for s in plan.stop] == [(2, "memory")]  # 1300 → 1000
-    tighter = reconcile(workers, policy(models=(ModelSpec("m", 1, 3),), memory_budget=500 * MB), NOW, demand={"m": 2})
-    assert [s.worker_id for s in tighter.stop] == [2, 1, 3]  # LRU idle, then the older surplus spare
-    assert tighter.start == ()
+    assert [(s.worker_id, s.reason) for s in reconcile(workers, p, NOW).stop] == [(2, "memory")]  # 1300 → 1000
+    tighter = reconcile(workers, policy(memory_budget=500 * MB), NOW)
+    assert [s.worker_id for s in tighter.stop] == [2, 1, 4]  # LRU idle, then the spare above idle_min
+    assert tighter.start == 0
 
 
-def test_minimum_spares_start_even_before_memory_is_measured_but_growth_is_budgeted() -> None:
-    p = policy(models=(ModelSpec("m", 1, 3),), memory_budget=300 * MB, max_concurrent_spawns=4)
-    assert reconcile([], p, NOW, demand={"m": 3}).start == ("m",)  # 1 floor; no room for 2 more at 200 MB
-    roomy = policy(models=(ModelSpec("m", 1, 3),), memory_budget=2000 * MB, max_concurrent_spawns=4)
-    assert reconcile([], roomy, NOW, demand={"m": 3}).start == ("m", "m", "m")
+def test_the_minimum_starts_before_memory_is_measured_but_growth_is_budgeted() -> None:
+    p = policy(memory_budget=300 * MB, max_concurrent_spawns=4)
+    assert reconcile([], p, NOW, peak=3).start == 1  # 1 floor; no room for 2 more at 200 MB
+    assert reconcile([], policy(memory_budget=2000 * MB, max_concurrent_spawns=4), NOW, peak=3).start == 3
 
 
-def test_spares_follow_demand_between_min_and_max() -> None:
-    specs = (ModelSpec("m", 1, 3),)
-    assert spare_targets(specs, {}) == {"m": 1}
-    assert spare_targets(specs, {"m": 2}) == {"m": 2}
-    assert spare_targets(specs, {"m": 9}) == {"m": 3}
-    p = policy(models=specs, max_concurrent_spawns=4)
-    assert reconcile([], p, NOW, demand={"m": 5}).start == ("m", "m", "m")
-    young = [view(1, R, created=NOW - 1), view(2, R, created=NOW - 1), view(3, R, created=NOW - 1)]
-    assert reconcile(young, p, NOW).stop == ()  # too young to shed: no thrash
-    old = [view(i, R, created=NOW - SPARE_MIN_LIFE_S - i) for i in (1, 2, 3)]
-    assert {s.reason for s in reconcile(old, p, NOW).stop} == {"spare_surplus"}
-    assert len(reconcile(old, p, NOW).stop) == 2
-
-
-def test_spares_of_models_no_longer_configured_are_stopped() -> None:
-    plan = reconcile([view(1, R, model="gone", created=NOW)], policy(), NOW)
-    assert [(s.worker_id, s.reason) for s in plan.stop] == [(1, "spare_surplus")]
+def test_the_automatic_cap_takes_half_the_memory_at_300_mb_a_worker() -> None:
+    assert auto_max_workers(24 * 1024 * MB) == 16
+    assert auto_max_workers(3 * 1024 * MB) == 5
+    assert auto_max_workers(256 * MB) == 2
 
 
 # --- properties --------------------------------------------------------------------------------
@@ -164,14 +176,14 @@ states = st.sampled_from(list(WorkerState))
 worker_views = st.lists(
     st.builds(view, st.integers(0, 50), states, st.sampled_from([None, "a", "b", "c"]), st.floats(0, NOW),
               st.sampled_from(["m", "n", None]), st.none(), st.integers(0, 300), st.floats(0, NOW),
-              st.integers(0, 800) .map(lambda n: n * MB)),
+              st.integers(0, 800).map(lambda n: n * MB)),
     max_size=10, unique_by=lambda w: w.id,
 )
 policies = st.builds(
     PoolPolicy,
     max_workers=st.integers(1, 8),
-    models=st.lists(st.builds(ModelSpec, st.sampled_from(["m", "n", ""]), st.integers(0, 2), st.integers(-1, 4)),
-                    max_size=2, unique_by=lambda m: m.id).map(tuple),
+    idle_min=st.integers(0, 2),
+    idle_max=st.integers(2, 5),
     memory_budget=st.sampled_from([0, 500 * MB, 2000 * MB]),
     max_worker_rss=st.sampled_from([0, 400 * MB]),
     max_turns=st.sampled_from([0, 100]),
@@ -179,45 +191,54 @@ policies = st.builds(
     idle_ttl_s=st.sampled_from([0.0, 600.0]),
     max_concurrent_spawns=st.integers(1, 3),
 )
+modes = st.sampled_from(["minted", "fresh"])
 
 
-@given(worker_views, st.sampled_from([None, "a", "b", "z"]), st.integers(1, 8))
-def test_assign_never_exceeds_the_cap_nor_takes_a_busy_worker(workers: list[WorkerView], session: str | None, cap: int) -> None:
-    decision = assign(workers, Want(S, session), cap)
+@given(worker_views, st.sampled_from([None, "a", "b", "z"]), st.integers(1, 8), modes)
+def test_assign_never_exceeds_the_cap_nor_takes_a_busy_worker(
+    workers: list[WorkerView], session: str | None, cap: int, mode: SessionMode
+) -> None:
+    decision = assign(workers, Want(S, session), cap, mode)
     live = [w for w in workers if w.state is not D]
     by_id = {w.id: w for w in workers}
+    available = [w for w in live if w.state in (R, I)]
     if decision.action == "take":
         taken = by_id[decision.worker_id]  # type: ignore[index]
         assert taken.state in (R, I)
-        if session is None:
-            assert taken.state is R  # a used process never starts a new session
+        if session is None and mode == "fresh":
+            assert taken.state is R  # in fresh mode a used process never starts a new session
+        if session is not None and any(w.state is I and w.session_id == session for w in workers):
+            assert taken.session_id == session  # affinity first
     if decision.action == "spawn":
+        if mode == "minted" or session is not None:
+            assert not available  # never spawn on the request path while a worker is available
         if decision.evict_id is None:
             assert len(live) < cap
         else:
-            assert by_id[decision.evict_id].state is I
+            assert mode == "fresh" and by_id[decision.evict_id].state is I
+    if decision.action == "wait":
+        assert not (mode == "minted" and available)
 
 
-@given(worker_views, policies, st.integers(0, 3), st.integers(0, 1), st.dictionaries(st.sampled_from(["m", "n"]), st.integers(0, 5)))
+@given(worker_views, policies, st.integers(0, 3), st.integers(0, 1), st.integers(0, 8), modes)
 def test_reconcile_respects_every_bound(workers: list[WorkerView], p: PoolPolicy, in_flight: int, reserved: int,
-                                        demand: dict[str, int]) -> None:
-    plan = reconcile(workers, p, NOW, demand=demand, in_flight=in_flight, reserved=reserved)
+                                        peak: int, mode: SessionMode) -> None:
+    plan = reconcile(workers, p, NOW, mode=mode, peak=peak, in_flight=in_flight, reserved=reserved)
     by_id = {w.id: w for w in workers}
+    stopped = {s.worker_id for s in plan.stop}
     counted = sum(1 for w in workers if w.state is not D)
-    assert counted + len(plan.start) + reserved <= max(p.max_workers, counted + reserved)
-    assert len(plan.start) + in_flight <= max(p.max_concurrent_spawns, in_flight)
-    assert len({s.worker_id for s in plan.stop}) == len(plan.stop)
+    assert counted + plan.start + reserved <= max(p.max_workers, counted + reserved)
+    assert plan.start + in_flight <= max(p.max_concurrent_spawns, in_flight)
+    assert len(stopped) == len(plan.stop)
     for stop in plan.stop:
         assert by_id[stop.worker_id].state in (R, I)  # busy, starting and stopping workers are never stopped
-    if p.memory_budget:
-        starts_per_model: dict[str, int] = {}
-        for model in plan.start:
-            starts_per_model[model] = starts_per_model.get(model, 0) + 1
-        for spec in p.specs():
-            have = sum(1 for w in workers if w.state in (R, WorkerState.STARTING) and (w.model_id or "") == spec.id
-                       and w.id not in {s.worker_id for s in plan.stop})
-            # Above the configured minimum, spares start only within the memory budget.
-            if starts_per_model.get(spec.id, 0) > max(0, spec.spares - have):
-                kept = sum(w.rss for w in workers if w.state not in (D, WorkerState.STOPPING)
-                           and w.id not in {s.worker_id for s in plan.stop})
-                assert kept < p.memory_budget
+        assert stop.reason != "room_for_spare" or mode == "fresh"
+    counted_states = (R, I) if mode == "minted" else (R,)
+    reserve = sum(1 for w in workers if w.state in counted_states and w.id not in stopped)
+    starting = sum(1 for w in workers if w.state is ST)
+    busy = sum(1 for w in workers if w.state is B)
+    # Never more starts than the reserve lacks.
+    assert plan.start <= max(0, reserve_target(p, peak, busy) - reserve - starting)
+    if p.idle_ttl_s and not p.memory_budget and not p.max_turns and not p.max_worker_rss and not p.spare_max_age_s:
+        # The idle_min most recent members of the reserve are never stopped for idle time.
+        assert reserve >= min(p.idle_min, sum(1 for w in workers if w.state in counted_states))

@@ -56,11 +56,18 @@ async def test_memory_budget_evicts_idle_workers_and_sessions_resume(tmp_path: P
     # A fake droid is a ~21 MB python: 50 MB holds two workers, not three.
     budget = 50 * 1024 * 1024
     async with served(tmp_path, **{"pool.memory_budget_mb": 50, "pool.max_workers": 4}) as (client, pool):
-        sessions = []
-        for i in range(4):
-            status, _, session = await answer(client, f"conversation {i}")
+        sessions: list[str | None] = []
+
+        async def conversation(i: int) -> None:
+            status, _, session = await answer(client, f"conversation {i} [[slow:100]]")
             assert status == 200
             sessions.append(session)
+
+        # At once, so that they need four workers (one after another, one worker serves them all).
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                tg.start_soon(conversation, i)
+        assert len(set(sessions)) == 4
         with anyio.fail_after(10):
             while sum(w.rss for w in pool.workers) > budget or not pool.counters["stops_memory"]:
                 await anyio.sleep(0.05)
@@ -139,10 +146,11 @@ async def test_chaos_every_request_completes_or_fails_cleanly(tmp_path: Path) ->
         assert outcomes.count(200) >= 100, sorted(set(outcomes))
         assert max(samples) <= cap, max(samples)
         assert pool.peak_workers <= cap
-        # The pool returns to its target: one warm spare, every process alive, no zombie.
+        # The pool returns to its target: its reserve available, every process alive, no zombie.
         def settled() -> bool:
             processes = worker_processes()
-            return (sum(w.state is WorkerState.READY for w in pool.workers) == 1
+            return (sum(w.state in (WorkerState.READY, WorkerState.IDLE) for w in pool.workers) >= 1
+                    and not any(w.state in (WorkerState.BUSY, WorkerState.STARTING) for w in pool.workers)
                     and all(w.alive for w in pool.workers)
                     and not any(state == "Z" for _, state in processes)
                     and {pid for pid, _ in processes} == {w.pid for w in pool.workers})

@@ -158,7 +158,7 @@ def test_prompts_and_secrets_never_reach_argv_or_logs(tmp_path: Path) -> None:
     factory_key = "fk-factory-key-also-secret"
     daemon = start_daemon(tmp_path, {
         "droid": {"binary": str(FAKE_DROID), "home": str(tmp_path / "home")},
-        "pool": {"models": [{"id": MODEL, "spares": 1}]},
+        "pool": {"models": [{"id": MODEL}], "idle_min": 1},
         "server": {"log_level": "info"},
         "auth": {"keys": [{"name": "ops", "key": api_key}]},
     }, env={"FACTORY_API_KEY": factory_key})

@@ -18,7 +18,7 @@ def fake_sections(tmp_path: Path) -> dict[str, dict[str, object]]:
     (tmp_path / "home").mkdir(exist_ok=True)
     return {
         "droid": {"binary": str(FAKE_DROID), "home": str(tmp_path / "home")},
-        "pool": {"max_workers": 3, "models": [{"id": "custom:fake-model", "spares": 2}]},
+        "pool": {"max_workers": 3, "models": [{"id": "custom:fake-model"}], "idle_min": 2},
     }
 
 

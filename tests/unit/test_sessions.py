@@ -361,7 +361,8 @@ async def test_a_session_droid_lost_is_forgotten(tmp_path: Path) -> None:
     async with served(tmp_path) as (client, _):
         stateless, a1 = await ask(client, [user("will vanish")])
         named, _ = await ask(client, [user("will vanish too")], {"X-Conversation-Id": "vanishing"})
-    shutil.rmtree(tmp_path / "home" / ".fake-droid")
+    shutil.rmtree(tmp_path / "home" / ".fake-droid")  # the fake droid's own record of each session
+    shutil.rmtree(tmp_path / "home" / ".factory" / "sessions")  # and the files droidpool minted
     async with served(tmp_path) as (client, _):
         # A stateless client sent the whole history: it just gets a new session.
         fresh, answer = await ask(client, [user("will vanish"), assistant(a1), user("still there?")])
@@ -378,7 +379,7 @@ async def test_a_session_droid_lost_is_forgotten(tmp_path: Path) -> None:
 
 
 async def test_a_new_conversation_never_sees_another_ones_content(tmp_path: Path) -> None:
-    async with served(tmp_path, **{"pool.max_workers": 1, "pool.models": [{"id": MODEL, "spares": 0}]}) as (client, _):
+    async with served(tmp_path, **{"pool.max_workers": 1, "pool.models": [{"id": MODEL}], "pool.idle_min": 0}) as (client, _):
         first, _ = await ask(client, [user("the password is swordfish")])
         await ask(client, [user("the password is swordfish"), assistant("ok"), user("and more")])
         second, answer = await ask(client, [user("what is the password?")])
