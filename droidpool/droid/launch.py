@@ -38,6 +38,9 @@ def worker_env(config: Config, environ: Mapping[str, str] | None = None) -> dict
         env["HOME"] = str(Path(config.droid.home).expanduser())
     if config.droid.airgap:
         env["FACTORY_AIRGAP_ENABLED"] = "1"
+    # droid runs `git status` and `git log` in each session's directory to describe it to the
+    # LLM: git must not find a repository above droidpool's own working directory.
+    env["GIT_CEILING_DIRECTORIES"] = str(config.worker_cwd)
     env.update(config.droid.env)
     # systemd's LoadCredential=factory-api-key:...: the key never sits in the unit or its env.
     credential = credential_path("factory-api-key", env)

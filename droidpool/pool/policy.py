@@ -26,6 +26,10 @@ MB = 1024 * 1024
 DEFAULT_WORKER_RSS = 200 * MB
 # A spare is not retired for being surplus before it is this old, so demand can't make it thrash.
 SPARE_MIN_LIFE_S = 60.0
+# After a worker is handed to a request, the reserve is not topped up for this long (unless a
+# request waits): a droid starting at the same time takes the CPU from that turn's first token.
+# A request that finds nothing available still spawns for itself.
+GROWTH_DEFER_S = 0.5
 # fresh mode, at the cap: an idle session worker used more recently than this keeps its place;
 # its conversation's next turn is likely close. (A new conversation may still evict it.)
 RECENTLY_USED_S = 5.0
@@ -189,6 +193,7 @@ def reconcile(
     peak: int = 0,
     in_flight: int = 0,
     reserved: int = 0,
+    defer_growth: bool = False,
 ) -> Plan:
     """Recycle, shrink and top up the pool so every bound holds.
 
@@ -198,8 +203,9 @@ def reconcile(
     spares; stop available workers above ``idle_min`` unused for ``idle_ttl_s`` (least recently
     used first); over the memory budget, stop idle session workers, then spares above
     ``idle_min``; finally start workers until the reserve meets its target, within the cap, the
-    spawn throttle and the memory budget. In fresh mode, at the cap, idle session workers not
-    used lately give way to the spares new conversations need.
+    spawn throttle and the memory budget, and not while ``defer_growth`` (a turn is just
+    starting). In fresh mode, at the cap, idle session workers not used lately give way to the
+    spares new conversations need.
     """
     live = [w for w in workers if w.state not in (WorkerState.DEAD, WorkerState.STOPPING)]
     stopping = sum(1 for w in workers if w.state is WorkerState.STOPPING)
@@ -271,4 +277,6 @@ def reconcile(
         )
         for w in idle[: wanted - max(0, room)]:
             stop(w, "room_for_spare")
+    if defer_growth:
+        return Plan(0, tuple(stops.values()))
     return Plan(max(0, min(wanted, room, spawn_room)), tuple(stops.values()))

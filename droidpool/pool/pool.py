@@ -26,6 +26,7 @@ from droidpool.droid.worker import (
 
 from . import procfs
 from .policy import (
+    GROWTH_DEFER_S,
     Assignment,
     Plan,
     PoolPolicy,
@@ -106,6 +107,7 @@ class Pool:
         self.last_spawn_error: str | None = None
         self._backoff_until = 0.0
         self._pressure: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)
+        self._last_lease = 0.0
         self.counters: collections.Counter[str] = collections.Counter()
         self.queue_wait = Summary()
         self.peak_workers = 0
@@ -259,6 +261,7 @@ class Pool:
                         continue  # now in fresh mode: decide again
                     if worker is not None:
                         self.queue_wait.add(time.monotonic() - started)
+                        self._last_lease = time.monotonic()
                         return worker
                     continue
                 if ticket is None and len(self._waiters) >= self.policy.queue_size:
@@ -520,8 +523,9 @@ class Pool:
     def plan(self) -> Plan:
         """The supervisor's next step (pure: see policy.reconcile)."""
         now = time.monotonic()
+        defer = now - self._last_lease < GROWTH_DEFER_S and not self._waiters
         return reconcile(self.views(), self.policy, now, mode=self.mode, peak=self.peak(now),
-                         in_flight=self._spawning, reserved=self._reserved)
+                         in_flight=self._spawning, reserved=self._reserved, defer_growth=defer)
 
     def _measure(self) -> None:
         pids = {w.pid: w for w in self.workers if w.pid is not None and w.alive}

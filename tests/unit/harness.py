@@ -64,7 +64,8 @@ async def served(
             assert await pool.wait_warm(15)
             app = build_app(build_turns(config, pool, store), pool, store,
                             max_body_bytes=config.server.max_body_bytes, keepalive_s=config.server.keepalive_s,
-                            body_timeout_s=config.server.body_timeout_s, auth=auth, metrics=Metrics(pool))
+                            body_timeout_s=config.server.body_timeout_s, auth=auth, metrics=Metrics(pool),
+                            default_autonomy=config.droid.autonomy)
             async with TestClient(TestServer(app)) as client:
                 yield client, pool
     finally:
