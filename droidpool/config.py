@@ -41,6 +41,17 @@ class ServerConfig:
         default=False,
         metadata={"doc": "Allow a non-loopback address without API keys (droid can act on this host)."},
     )
+    allowed_hosts: tuple[str, ...] = field(
+        default=(),
+        metadata={"doc": "Host names requests may name in their Host header besides localhost, 127.0.0.1 and "
+                         "[::1] (a guard against DNS rebinding); on a non-loopback host, when set, only these "
+                         "and the loopback names."},
+    )
+    cors_origins: tuple[str, ...] = field(
+        default=(),
+        metadata={"doc": "Browser origins allowed to call droidpool, e.g. [\"http://localhost:3000\"]: they get "
+                         "CORS answers; a request with any other Origin header is refused (403)."},
+    )
     state_dir: str = field(
         default="~/.local/state/droidpool",
         metadata={"doc": "Where the session store and the workers' working directory live."},
@@ -425,6 +436,10 @@ def _check(config: Config, sources: dict[str, dict[str, str]], environ: Mapping[
     require(s.body_timeout_s > 0, "server", "body_timeout_s", "positive")
     require(s.log_level in ("debug", "info", "warning", "error"), "server", "log_level",
             "one of debug, info, warning, error")
+    require(all(_is_origin(o) for o in s.cors_origins), "server", "cors_origins",
+            "origins like \"http://localhost:3000\" (scheme://host[:port], no path, no \"*\")")
+    require(all(h and "/" not in h and (h.startswith("[") or ":" not in h) for h in s.allowed_hosts),
+            "server", "allowed_hosts", "host names without scheme, port or path")
     require(d.autonomy in AUTONOMY_LEVELS, "droid", "autonomy", f"one of {', '.join(AUTONOMY_LEVELS)}")
     require(d.permission_policy in PERMISSION_OPTIONS, "droid", "permission_policy",
             f"one of {', '.join(PERMISSION_OPTIONS)}")
@@ -480,6 +495,12 @@ def _check(config: Config, sources: dict[str, dict[str, str]], environ: Mapping[
             "API keys are configured; droid can read files and run commands on this host. "
             "Configure [auth] keys, or set server.allow_non_loopback = true to serve without them"
         )
+
+
+def _is_origin(value: str) -> bool:
+    scheme, sep, rest = value.partition("://")
+    return bool(sep) and scheme in ("http", "https") and bool(rest) and "/" not in rest.rstrip("/") \
+        and "*" not in rest
 
 
 def _is_sha256(value: str) -> bool:

@@ -107,6 +107,14 @@ class RequestTimeout(DroidpoolError):
     code = "request_timeout"
 
 
+class Misdirected(DroidpoolError):
+    """The request names a host this server does not answer to (a DNS-rebinding guard)."""
+
+    status = 421
+    kind = "misdirected"
+    code = "host_not_allowed"
+
+
 class Conflict(DroidpoolError):
     status = 409
     kind = "conflict"

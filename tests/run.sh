@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install everything the tests need (Python package + test deps, the real droid CLI from npm)
-# and run the whole suite. Extra arguments go to pytest.
+# Install everything the tests need (Python package + test deps, curl and Chromium from Debian,
+# the real droid CLI from npm) and run the whole suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,6 +8,23 @@ DROID_VERSION=0.225.2
 DROID_PREFIX="${DROID_PREFIX:-$PWD/.cache/droid}"
 
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
+
+# System packages some tests use: curl, and Chromium for the real-browser test (Debian's).
+# Installed when apt-get may be used (root, or sudo without a password); otherwise those
+# tests are skipped, and under CI=true they fail.
+missing=()
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ "${#missing[@]}" -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo -n"; fi
+  if [ -z "$sudo" ] || sudo -n true 2>/dev/null; then
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null \
+      || echo "could not install ${missing[*]}: the tests that need them are skipped (and fail under CI=true)" >&2
+  else
+    echo "${missing[*]} not installed (needs root): the tests that need them are skipped" >&2
+  fi
+fi
 
 if [ -z "${DROIDPOOL_TEST_DROID:-}" ]; then
   DROIDPOOL_TEST_DROID="$DROID_PREFIX/node_modules/@factory/cli-linux-x64/bin/droid"

@@ -16,10 +16,12 @@ from droidpool.core.turns import TurnService
 from droidpool.pool.pool import Pool
 from droidpool.store.base import SessionStore
 
-from . import anthropic, ops, responses, sessions
+from . import anthropic, browser, ops, responses, sessions
+from .browser import BrowserPolicy
 from .context import (
     AUTH,
     BODY_TIMEOUT_S,
+    BROWSER,
     DEFAULT_AUTONOMY,
     KEEPALIVE_S,
     METRICS,
@@ -102,6 +104,34 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 @web.middleware
+async def browser_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Before any work: the Host must be one we answer to, an Origin must be listed, a POST body
+    must be JSON; a listed origin's preflight is answered here (see ``browser.py``)."""
+    policy = request.app[BROWSER]
+    if not browser.host_allowed(policy, request.headers.get("Host")):
+        raise errors.Misdirected(f"This server does not answer to the host {browser.quoted(request.headers.get('Host'))}; "
+                                 "name it in server.allowed_hosts to allow it.")
+    origin = request.headers.get("Origin")
+    if not browser.origin_allowed(policy, origin):
+        raise errors.Forbidden(f"Requests from the origin {browser.quoted(origin)} are not allowed; list it in "
+                               "server.cors_origins to allow a browser page there.", code="origin_not_allowed")
+    if origin is not None and request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        return web.Response(status=204, headers=browser.preflight_headers(origin, request.headers))
+    if request.method == "POST" and request.body_exists and not browser.is_json(request.headers.get("Content-Type", "")):
+        raise errors.UnsupportedMediaType(
+            f"The request body must be JSON (Content-Type: application/json), not "
+            f"{browser.quoted(request.headers.get('Content-Type'))}.")
+    return await handler(request)
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """A listed origin may read the response (streams included: this runs before any byte)."""
+    origin = request.headers.get("Origin")
+    if origin is not None and browser.origin_allowed(request.app[BROWSER], origin):
+        response.headers.update(browser.response_headers(origin))
+
+
+@web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every route but the probes needs a valid key once keys are configured (401 otherwise)."""
     if request.path in OPEN_PATHS:
@@ -162,8 +192,12 @@ def build_app(
     auth: Authenticator | None = None,
     metrics: Metrics | None = None,
     default_autonomy: str = "off",
+    browser_policy: BrowserPolicy | None = None,
 ) -> web.Application:
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[error_middleware, auth_middleware])
+    app = web.Application(client_max_size=max_body_bytes,
+                          middlewares=[error_middleware, browser_middleware, auth_middleware])
+    app[BROWSER] = browser_policy or BrowserPolicy.of("127.0.0.1", (), ())
+    app.on_response_prepare.append(add_cors_headers)
     app[TURNS] = turns
     app[POOL] = pool
     app[STORE] = store

@@ -14,6 +14,7 @@ from droidpool.core.turns import TurnService
 from droidpool.pool.pool import Pool
 from droidpool.store.base import SessionStore
 
+from .browser import BrowserPolicy
 from .metrics import Metrics
 
 TURNS: web.AppKey[TurnService] = web.AppKey("turns", TurnService)
@@ -24,6 +25,7 @@ BODY_TIMEOUT_S: web.AppKey[float] = web.AppKey("body_timeout_s", float)
 AUTH: web.AppKey[Authenticator] = web.AppKey("auth", Authenticator)
 METRICS: web.AppKey[Metrics | None] = web.AppKey("metrics")
 DEFAULT_AUTONOMY: web.AppKey[str] = web.AppKey("default_autonomy", str)
+BROWSER: web.AppKey[BrowserPolicy] = web.AppKey("browser", BrowserPolicy)
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 

@@ -58,7 +58,7 @@ def header_effort(headers: Mapping[str, str]) -> str | None:
     """Reasoning effort from ``X-Reasoning-Effort`` (or droid2api's ``x-reasoning-level``), for
     clients that cannot set body fields; a body field wins over it."""
     for name in ("X-Reasoning-Effort", "X-Reasoning-Level"):
-        value = headers.get(name)
+        value = header(headers, name)
         if value is not None and value.strip():
             effort = value.strip().lower()
             check_effort(effort, name)
@@ -71,12 +71,23 @@ def check_effort(effort: str, param: str) -> None:
         raise errors.InvalidRequest(f"'{param}' must be one of {', '.join(REASONING_EFFORTS)}.", param=param)
 
 
+def header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header's value, which must be valid UTF-8 (aiohttp keeps other bytes as surrogates)."""
+    value = headers.get(name)
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise errors.InvalidRequest(f"'{name}' is not valid UTF-8.", param=name) from None
+    return value
+
+
 def conversation_key(body: Mapping[str, Any], headers: Mapping[str, str]) -> str | None:
     """The client's conversation id: the body's ``conversation_id`` wins over the header."""
     from_body = body.get("conversation_id")
     param = "conversation_id" if from_body is not None else "X-Conversation-Id"
     try:
-        return conversation.conversation_key(from_body if from_body is not None else headers.get("X-Conversation-Id"))
+        return conversation.conversation_key(from_body if from_body is not None else header(headers, "X-Conversation-Id"))
     except conversation.BadKey as exc:
         raise errors.InvalidRequest(f"'{param}' {exc}.", param="conversation_id") from None
 
@@ -86,7 +97,7 @@ def session_id(body: Mapping[str, Any], headers: Mapping[str, str]) -> str | Non
     value = body.get("session_id")
     if value is not None and not isinstance(value, str):
         raise errors.InvalidRequest("'session_id' must be a string.", param="session_id")
-    return value or headers.get("X-Session-Id") or None
+    return value or header(headers, "X-Session-Id") or None
 
 
 def optional(body: Mapping[str, Any], key: str, kind: type, default: Any, param: str | None = None) -> Any:

@@ -97,7 +97,8 @@ class Authenticator:
             raise errors.Unauthorized(
                 "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key"
             )
-        digest = hashlib.sha256(presented.encode()).digest()
+        # The bytes as received: a key that is not UTF-8 is just a wrong key.
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
         found: Principal | None = None
         for expected, principal in self._keys:
             # Compare against every key, whatever matched: no timing hint about which did.

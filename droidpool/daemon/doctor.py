@@ -12,6 +12,7 @@ from pathlib import Path
 
 import anyio
 
+from droidpool.api.browser import is_loopback
 from droidpool.config import ALL_TOOL_IDS, Config
 from droidpool.droid import sessions
 from droidpool.droid.launch import (
@@ -63,6 +64,7 @@ async def run_checks(config: Config, report: Report) -> bool:
     _check_credentials(config, report, fail)
     _check_writable(config.state_dir, "state directory", report, fail)
     _check_port(config, report)
+    _report_browsers(config, report)
     if not await _check_worker(config, report, fail):
         return False
     return not failed
@@ -103,6 +105,18 @@ def _check_writable(path: Path, what: str, report: Report, fail: Callable[[str, 
              "create it for the daemon's user, or set server.state_dir")
         return
     report("ok", f"{what} {path} is writable", "")
+
+
+def _report_browsers(config: Config, report: Report) -> None:
+    s = config.server
+    hosts = ", ".join(["localhost", "127.0.0.1", "[::1]", *s.allowed_hosts])
+    if is_loopback(s.host) or s.allowed_hosts:
+        report("ok", f"Host headers answered: {hosts} (server.allowed_hosts adds names)", "")
+    else:
+        report("warn", f"{s.host} is not loopback and server.allowed_hosts is empty: any Host is answered",
+               "set server.allowed_hosts to the names clients use (a DNS-rebinding guard)")
+    origins = ", ".join(s.cors_origins) or "none: requests from web pages are refused"
+    report("ok", f"browser origins allowed (server.cors_origins): {origins}", "")
 
 
 def _check_port(config: Config, report: Report) -> None:

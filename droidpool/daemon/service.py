@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 
 from droidpool.api.app import build_app
+from droidpool.api.browser import BrowserPolicy
 from droidpool.api.metrics import Metrics
 from droidpool.config import Config, ConfigError
 from droidpool.core.access import Authenticator, load_keys
@@ -119,7 +120,7 @@ class Daemon:
             self.notifier.send(ready=1, status=f"reload failed: {exc}")
             return
         restart_only = [
-            key for key in ("host", "port", "state_dir", "max_body_bytes")
+            key for key in ("host", "port", "state_dir", "max_body_bytes", "allowed_hosts", "cors_origins")
             if getattr(new.server, key) != getattr(self.config.server, key)
         ]
         if restart_only or new.store != self.config.store:
@@ -157,6 +158,8 @@ class Daemon:
                     auth=self.auth,
                     metrics=Metrics(pool),
                     default_autonomy=config.droid.autonomy,
+                    browser_policy=BrowserPolicy.of(config.server.host, config.server.allowed_hosts,
+                                                    config.server.cors_origins),
                 )
                 # On shutdown aiohttp stops listening, lets running handlers finish for
                 # drain_grace_s, then cancels them: a cancelled turn is interrupted, not lost.

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 
 from droidpool.api.app import build_app
+from droidpool.api.browser import BrowserPolicy
 from droidpool.api.metrics import Metrics
 from droidpool.config import load
 from droidpool.core.access import Authenticator
@@ -65,7 +66,9 @@ async def served(
             app = build_app(build_turns(config, pool, store), pool, store,
                             max_body_bytes=config.server.max_body_bytes, keepalive_s=config.server.keepalive_s,
                             body_timeout_s=config.server.body_timeout_s, auth=auth, metrics=Metrics(pool),
-                            default_autonomy=config.droid.autonomy)
+                            default_autonomy=config.droid.autonomy,
+                            browser_policy=BrowserPolicy.of(config.server.host, config.server.allowed_hosts,
+                                                            config.server.cors_origins))
             async with TestClient(TestServer(app)) as client:
                 yield client, pool
     finally:

@@ -106,3 +106,10 @@ def test_non_loopback_without_keys_is_refused_unless_explicit() -> None:
 def test_bad_key_entries_are_refused(entry: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         load(None, environ={}, overrides={"auth.keys": [entry]})
+
+
+def test_a_key_that_is_not_utf8_is_just_a_wrong_key(tmp_path: Path) -> None:
+    with pytest.raises(errors.Unauthorized):
+        keys(tmp_path).authenticate("Bearer \udce9\udcff")  # the bytes e9 ff, as aiohttp hands them over
+    with pytest.raises(errors.Unauthorized):
+        keys(tmp_path).authenticate(None, "\udce9")

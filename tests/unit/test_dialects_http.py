@@ -74,7 +74,8 @@ async def test_anthropic_errors_use_anthropics_envelope(tmp_path: Path) -> None:
             await claude.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": [
                 {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}])
         assert "image" in bad.value.message
-        response = await client.post("/v1/messages?beta=true", data=b"{", headers={"anthropic-version": "2023-06-01"})
+        response = await client.post("/v1/messages?beta=true", data=b"{", headers={
+            "anthropic-version": "2023-06-01", "Content-Type": "application/json"})
         assert response.status == 400
         assert (await response.json())["error"]["type"] == "invalid_request_error"
         failed = await claude.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "ok"}])

@@ -113,7 +113,7 @@ async def test_continuity_by_resend_header_and_body(tmp_path: Path) -> None:
 )
 async def test_errors_are_openai_envelopes(tmp_path: Path, method: str, path: str, data: bytes, status: int, code: str | None) -> None:
     async with served(tmp_path) as (client, _):
-        response = await client.request(method, path, data=data)
+        response = await client.request(method, path, data=data, headers={"Content-Type": "application/json"})
         assert response.status == status
         body = await response.json()
         assert set(body["error"]) == {"message", "type", "param", "code"}
