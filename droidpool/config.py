@@ -225,6 +225,26 @@ class DeadlineConfig:
 
 
 @dataclass(frozen=True)
+class ToolsConfig:
+    enabled: bool = field(
+        default=True,
+        metadata={"doc": "Offer client-defined tools (tools in a request) to droid's LLM through droidpool's "
+                         "internal MCP endpoint on 127.0.0.1; false = requests with tools get a 400."},
+    )
+    park_timeout_s: float = field(
+        default=300.0,
+        metadata={"doc": "How long a turn whose LLM called client tools waits for the results; then it is "
+                         "interrupted, and results that come later go to droid as a message."},
+    )
+    max_parked: int = field(
+        default=64, metadata={"doc": "Turns waiting for client tool results at once (each holds a worker)."}
+    )
+    max_parked_per_key: int = field(
+        default=8, metadata={"doc": "Of those, the most one API key (or the unauthenticated client) may hold."}
+    )
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     path: str = field(
         default="", metadata={"doc": "SQLite session store; empty = <state_dir>/sessions.db."}
@@ -273,6 +293,7 @@ class Config:
     pool: PoolConfig = field(default_factory=PoolConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
@@ -463,6 +484,9 @@ def _check(config: Config, sources: dict[str, dict[str, str]], environ: Mapping[
     require(t.first_token_s > 0, "deadlines", "first_token_s", "positive")
     require(t.turn_s > 0, "deadlines", "turn_s", "positive")
     require(t.interrupt_grace_s > 0, "deadlines", "interrupt_grace_s", "positive")
+    require(config.tools.park_timeout_s > 0, "tools", "park_timeout_s", "positive")
+    require(config.tools.max_parked >= 0, "tools", "max_parked", "0 or more")
+    require(config.tools.max_parked_per_key >= 0, "tools", "max_parked_per_key", "0 or more")
     require(config.store.session_ttl_s > 0, "store", "session_ttl_s", "positive")
     a = config.auth
     for index, entry in enumerate(a.keys):

@@ -31,6 +31,7 @@ FAKE_MODELS = {
     "fake-reasoning": "reasoning",
     "fake-401": "err401",
     "fake-hang": "hang",
+    "fake-tools": "tools",
 }
 
 

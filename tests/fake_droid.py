@@ -38,6 +38,12 @@ Turn directives (anywhere in the user text; they can be combined):
                        contains [permission=<selectedOption>]
     [[permission:strict]]  same, but "cancel" ends the turn like the real CLI (no second message)
     [[usage:IN,OUT]]   tokenUsage inputTokens/outputTokens of the turn
+    [[call:NAME:{json}]]  the LLM calls MCP tool NAME of the session's mcpServers (several: one
+                       permission request for all, as droid 0.225.2 does): tool_call notifications,
+                       droid.request_permission (confirmationType mcp_tool); on proceed_once the
+                       tools are called over MCP (initialize, tools/list, tools/call, with the
+                       server's headers) and the answer is "Tool said: " + the results joined by
+                       " | "; on cancel the turn ends (recorded: rpc_client_tools_*.stdout.jsonl)
 
 Environment:
     FAKE_DROID_STATE          session store directory (default $HOME/.fake-droid)
@@ -101,6 +107,7 @@ TOOLS = [
 ]
 
 DIRECTIVE_RE = re.compile(r"\[\[([A-Za-z_]+)(?::([^\]]*))?\]\]")
+CALL_RE = re.compile(r"\[\[call:([A-Za-z0-9_.-]+):(\{.*?\})\]\]")
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 
 
@@ -416,6 +423,7 @@ class Server:
         self.running = False
         self.pending_requests: dict[object, dict] = {}
         self.log_path = os.environ.get("FAKE_DROID_LOG") or None
+        self.mcp_servers: list[dict] = []  # as the last initialize/load_session gave them
 
     # ---- infrastructure
 
@@ -577,6 +585,8 @@ class Server:
 
     def m_initialize_session(self, params: dict, req_id: object):
         method = "droid.initialize_session"
+        if isinstance(params.get("mcpServers"), list):
+            self.mcp_servers = params["mcpServers"]
         for key in ("machineId", "cwd"):
             value = params.get(key)
             if not isinstance(value, str):
@@ -658,6 +668,8 @@ class Server:
         if not isinstance(sid, str):
             detail = "Required" if "sessionId" not in params else f"Expected string, received {zod_type(sid)}"
             raise RpcError(-32602, f"Invalid request for droid.load_session: params.sessionId: {detail}")
+        if isinstance(params.get("mcpServers"), list):
+            self.mcp_servers = params["mcpServers"]
         sess = self.store.load(sid)
         shown: list | None = None
         if sess is None:
@@ -1018,6 +1030,11 @@ class Server:
 
         if "permission" in directives:
             self.permission_turn(turn, sess, ctx_state)
+            return
+
+        calls = CALL_RE.findall(turn.text)
+        if calls:
+            self.client_tools_turn(turn, sess, ctx_state, calls)
             return
 
         self.answer(turn, sess, ctx_state, parent_id=user_id)
@@ -1409,6 +1426,154 @@ class Server:
         self.answer(
             turn, sess, ctx2, parent_id=result_msg_id, extra=f" [permission={selected}]", prior_usage=first_usage
         )
+
+    # ---- MCP tools (client tools through droidpool's endpoint)
+
+    def mcp_post(self, server: dict, body: dict) -> dict | None:
+        import urllib.request
+
+        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        for header in server.get("headers") or []:
+            headers[header["name"]] = header["value"]
+        request = urllib.request.Request(server["url"], data=json.dumps(body).encode(), headers=headers, method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            data = response.read()
+        return json.loads(data) if data else None
+
+    def mcp_tools(self) -> dict[str, tuple[dict, str]]:
+        """droid's names for the MCP servers' tools: <server>___<tool> → (server, tool)."""
+        found: dict[str, tuple[dict, str]] = {}
+        for server in self.mcp_servers:
+            self.mcp_post(server, {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+                "protocolVersion": "2025-11-25", "capabilities": {},
+                "clientInfo": {"name": "factory-cli", "version": "0.225.2"}}})
+            self.mcp_post(server, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+            listed = self.mcp_post(server, {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}) or {}
+            for tool in (listed.get("result") or {}).get("tools") or []:
+                found[f"{server['name']}___{tool['name']}"] = (server, tool["name"])
+        return found
+
+    def client_tools_turn(self, turn: Turn, sess: dict, ctx_state: dict, calls: list[tuple[str, str]]) -> None:
+        sid = sess["id"]
+        settings = sess["settings"]
+
+        def N(note: dict, with_sid: bool = True) -> None:
+            self.notify(note, sid if with_sid else None)
+
+        def state(s: str) -> None:
+            N({"type": "droid_working_state_changed", "newState": s})
+
+        tools = self.mcp_tools()
+        uses = []
+        for index, (name, arguments) in enumerate(calls):
+            llm_name = next((t for t in tools if t.endswith("___" + name)), None)
+            if llm_name is not None:
+                uses.append({"type": "tool_use", "id": f"call_{uuid.uuid4().hex[:12]}", "name": llm_name,
+                             "input": json.loads(arguments)})
+        if not uses:  # the LLM was not offered the tool: it answers in text
+            self.answer(turn, sess, ctx_state, parent_id=ctx_state["user_id"])
+            return
+        user_id = ctx_state["user_id"]
+        state("streaming_assistant_message")
+        msg_a = new_id()
+        self.pause(turn, DEFAULT_DELAY_S)
+        if turn.cancelled:
+            self.finish_cancelled(turn, sess, user_id, None, "")
+            return
+        N({"type": "assistant_text_delta", "messageId": msg_a, "blockIndex": 0, "textDelta": "Let me look."})
+        for use in uses:
+            N({"type": "tool_call", "toolUse": {**use, "input": {}}}, False)
+        N({"type": "assistant_text_complete", "messageId": msg_a, "blockIndex": 0})
+        for use in uses:
+            N({"type": "tool_call", "toolUse": use}, False)
+        ts = now_ms()
+        msg = {"id": msg_a, "role": "assistant", "content": [{"type": "text", "text": "Let me look."}, *uses],
+               "createdAt": ts, "updatedAt": ts, "modelId": settings["modelId"],
+               "reasoningEffort": settings["reasoningEffort"], "openaiMessageId": "chatcmpl-fake1", "parentId": user_id}
+        N({"type": "create_message", "message": msg})
+        sess["messages"].append(msg)
+        self.save(sess)
+        state("executing_tool")
+        for use in uses:
+            N({"type": "tool_execution_phase_changed", "toolUseId": use["id"], "toolName": use["name"], "phase": "queued"})
+        state("waiting_for_tool_confirmation")
+        req_id = new_id()
+        slot: dict = {"turn": turn, "done": False, "result": None, "error": None}
+        with self.lock:
+            self.pending_requests[req_id] = slot
+        server_name = tools[uses[0]["name"]][0]["name"]
+        self.out.send(env_request("droid.request_permission", req_id, {
+            "toolUses": [{"toolUse": use, "confirmationType": "mcp_tool",
+                          "details": {"type": "mcp_tool", "toolName": use["name"], "impactLevel": "high",
+                                      "serverName": tools[use["name"]][0]["name"],
+                                      "actualToolName": tools[use["name"]][1]}} for use in uses],
+            "options": [
+                {"label": "Yes, allow", "value": "proceed_once", "selectedColor": "#d78700"},
+                {"label": "Yes, and always allow high impact commands (all commands)", "value": "proceed_always",
+                 "selectedColor": "#d78700"},
+                {"label": f"Always allow {tools[uses[0]['name']][1]}", "value": "proceed_always_tools",
+                 "selectedColor": "#d78700"},
+                {"label": f"Always allow all \"{server_name}\" tools", "value": "proceed_always_server",
+                 "selectedColor": "#d78700"},
+                {"label": "No, cancel", "value": "cancel", "selectedColor": "#d75f5f", "selectedPrefix": "✕ "},
+            ],
+        }))
+        first_usage = usage(40, 12)
+        self.wait_until(turn, lambda: slot["done"])
+        with self.lock:
+            self.pending_requests.pop(req_id, None)
+        if turn.cancelled and not slot["done"]:
+            self.finish_cancelled(turn, sess, msg_a, None, "")
+            return
+        selected = "cancel"
+        if isinstance(slot["result"], dict) and isinstance(slot["result"].get("selectedOption"), str):
+            selected = slot["result"]["selectedOption"]
+        if selected == "cancel":
+            state("streaming_assistant_message")
+            N({"type": "permission_resolved", "requestId": req_id, "toolUseIds": [], "selectedOption": selected}, False)
+            for use in uses:
+                N({"type": "tool_result", "toolUseId": use["id"], "messageId": new_id(),
+                   "content": "Error: Tool execution cancelled by user", "isError": True})
+            self.complete(turn, sess, "completed", first_usage)
+            return
+        state("executing_tool")
+        N({"type": "permission_resolved", "requestId": req_id, "toolUseIds": [u["id"] for u in uses],
+           "selectedOption": selected}, False)
+        results = []
+        for use in uses:
+            N({"type": "tool_execution_phase_changed", "toolUseId": use["id"], "toolName": use["name"],
+               "phase": "executing"})
+            server, tool = tools[use["name"]]
+            answer = self.mcp_post(server, {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                                            "params": {"name": tool, "arguments": use["input"]}}) or {}
+            result = answer.get("result") or {}
+            text = "".join(c.get("text", "") for c in result.get("content") or [])
+            is_error = bool(result.get("isError"))
+            content = f"Error: Error: {text}" if is_error else text
+            results.append(f"Error: MCP tool {use['name']} returned an error: {text}" if is_error else text)
+            result_id = new_id()
+            N({"type": "tool_result", "toolUseId": use["id"], "messageId": result_id, "content": content,
+               "isError": is_error})
+            ts = now_ms()
+            sess["messages"].append({"id": result_id, "parentId": msg_a, "createdAt": ts, "updatedAt": ts,
+                                     "role": "user", "content": [{"type": "tool_result", "tool_use_id": use["id"],
+                                                                  "is_error": is_error, "content": content}]})
+        self.save(sess)
+        if turn.cancelled:
+            self.finish_cancelled(turn, sess, msg_a, None, "")
+            return
+        state("streaming_assistant_message")
+        text = "Tool said: " + " | ".join(results)
+        msg_b = new_id()
+        N({"type": "assistant_text_delta", "messageId": msg_b, "blockIndex": 0, "textDelta": text})
+        N({"type": "assistant_text_complete", "messageId": msg_b, "blockIndex": 0})
+        ts = now_ms()
+        final = {"id": msg_b, "role": "assistant", "content": [{"type": "text", "text": text}], "createdAt": ts,
+                 "updatedAt": ts, "modelId": settings["modelId"], "reasoningEffort": settings["reasoningEffort"],
+                 "parentId": msg_a}
+        N({"type": "create_message", "message": final})
+        sess["messages"].append(final)
+        self.complete(turn, sess, "completed", add_usage(first_usage, usage(60, len(text.split()))))
 
     def finish_cancelled(self, turn: Turn, sess: dict, parent_id: str, partial_id: str | None, partial: str) -> None:
         settings = sess["settings"]

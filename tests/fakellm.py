@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import re
 import time
 from typing import Any
 
@@ -43,6 +44,30 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
                     part.get("text", "") for part in content if isinstance(part, dict)
                 )
     return ""
+
+
+CALL_RE = re.compile(r"\[\[call:([A-Za-z0-9_.-]+):(\{.*?\})\]\]")
+
+
+def _tool_results(messages: list[dict[str, Any]]) -> list[str]:
+    """The tool messages after the last assistant one (the results the LLM is to use)."""
+    out: list[str] = []
+    for message in reversed(messages):
+        if message.get("role") != "tool":
+            break
+        content = message.get("content")
+        out.append(content if isinstance(content, str) else orjson.dumps(content).decode())
+    return out[::-1]
+
+
+def _planned_calls(messages: list[dict[str, Any]], tools: list[str]) -> list[tuple[str, str]]:
+    """``[[call:NAME:ARGS]]`` directives in the last user text, as (tool name offered, arguments)."""
+    calls = []
+    for name, arguments in CALL_RE.findall(_last_user_text(messages)):
+        offered = next((t for t in tools if t == name or t.endswith("___" + name)), None)
+        if offered is not None:
+            calls.append((offered, arguments))
+    return calls
 
 
 def _words(seed: str, count: int) -> list[str]:
@@ -130,6 +155,26 @@ class FakeLLM:
             roles = ",".join(str(m.get("role")) for m in messages)
             text = f"ECHO n_msgs={len(messages)} roles={roles} last_user={orjson.dumps(user_text).decode()}"
             await response.write(_chunk(model, {"role": "assistant", "content": text}))
+        elif scenario == "tools":
+            results = _tool_results(messages)
+            calls = [] if results else _planned_calls(messages, self.requests[-1]["tools"])
+            if results:
+                await response.write(_chunk(model, {"role": "assistant", "content": "Tool said: " + " | ".join(results)}))
+            elif calls:
+                await response.write(_chunk(model, {"role": "assistant", "content": "Let me look."}))
+                for index, (name, arguments) in enumerate(calls):
+                    call_id = "call_" + hashlib.sha256(f"{len(messages)}{index}{arguments}".encode()).hexdigest()[:12]
+                    await response.write(_chunk(model, {"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                                                                        "function": {"name": name, "arguments": ""}}]}))
+                    await response.write(_chunk(model, {"tool_calls": [{"index": index,
+                                                                        "function": {"arguments": arguments}}]}))
+                await response.write(_chunk(model, {}, finish="tool_calls"))
+                await response.write(_usage_chunk(model, 10 + len(messages), 5))
+                await response.write(b"data: [DONE]\n\n")
+                await response.write_eof()
+                return response
+            else:
+                await response.write(_chunk(model, {"role": "assistant", "content": "No tool needed."}))
         elif scenario == "hang_mid":
             await response.write(_chunk(model, {"content": "partial "}))
             await asyncio.sleep(3600)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -19,12 +20,15 @@ from droidpool.core.model import (
     Role,
     Text,
     TextOut,
+    ToolArgsOut,
     ToolCall,
+    ToolCallOut,
     ToolResult,
+    ToolSpec,
     TurnRequest,
     TurnResult,
 )
-from droidpool.core.turns import Turn
+from droidpool.core.turn import Turn
 from droidpool.droid.protocol import Usage
 
 from .dialect import (
@@ -40,14 +44,16 @@ from .dialect import (
 
 # Accepted and ignored: droid (or the upstream behind it) decides these.
 IGNORED_PARAMS = frozenset({
-    "max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "metadata", "tools",
+    "max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "metadata",
     "service_tier", "container", "mcp_servers", "context_management",
 })
-KNOWN_PARAMS = frozenset({"model", "messages", "system", "stream", "thinking", "tool_choice", "output_config"}) \
+KNOWN_PARAMS = frozenset({"model", "messages", "system", "stream", "thinking", "tools", "tool_choice",
+                          "output_config"}) \
     | IGNORED_PARAMS | OWN_PARAMS
 # Claude Code's first system block changes per build and names no instruction: it is dropped,
 # so that it neither reaches droid nor breaks the match of a resent conversation.
 BILLING_HEADER = "x-anthropic-billing-header:"
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 # Thinking budget (tokens) → droid reasoning effort: the first bound the budget fits under.
 THINKING_EFFORTS = ((2048, "low"), (8192, "medium"), (32768, "high"))
@@ -104,17 +110,61 @@ def parse(body: Any, headers: Mapping[str, str]) -> Parsed:
     exact = False
     if effort is None:
         effort, exact = header_effort(headers), True
-    tool_choice = body.get("tool_choice")
-    if tool_choice is not None and not (isinstance(tool_choice, Mapping) and tool_choice.get("type") in ("auto", "none")):
-        raise errors.InvalidRequest("Only tool_choice auto or none is supported: droid runs its own tools.",
-                                    param="tool_choice")
+    tools = _tools(body.get("tools"))
+    tool_choice = _tool_choice(body.get("tool_choice"))
     ignored = tuple(sorted(k for k in body if k in IGNORED_PARAMS or k not in KNOWN_PARAMS))
     request = TurnRequest(
         model=model.strip(), messages=messages, system=system, stream=stream, reasoning_effort=effort,
         effort_is_exact=exact, session_id=session_id(body, headers),
-        conversation_key=conversation_key(body, headers), dialect="anthropic", ignored=ignored,
+        conversation_key=conversation_key(body, headers), tools=tools, tool_choice=tool_choice,
+        dialect="anthropic", ignored=ignored,
     )
     return Parsed(request)
+
+
+def _tools(raw: Any) -> tuple[ToolSpec, ...]:
+    """Client tools (``input_schema``). Anthropic's server tools (web search, code execution …)
+    run on Anthropic's side, which droid is not: they are refused, not silently dropped."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise errors.InvalidRequest("tools: must be an array of tool definitions.", param="tools")
+    out = []
+    for index, tool in enumerate(raw):
+        where = f"tools[{index}]"
+        if not isinstance(tool, Mapping):
+            raise errors.InvalidRequest(f"{where}: must be an object.", param=where)
+        kind = tool.get("type")
+        if kind not in (None, "custom"):
+            raise errors.InvalidRequest(f"{where}: tool type {kind!r} runs on Anthropic's servers; droidpool "
+                                        "supports client tools (with an input_schema).", param=where)
+        name = tool.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
+            raise errors.InvalidRequest(f"{where}.name: letters, digits, '_' or '-', at most 128.", param=where)
+        schema = tool.get("input_schema")
+        if not isinstance(schema, Mapping):
+            raise errors.InvalidRequest(f"{where}.input_schema: Field required (a JSON schema object).",
+                                        param=where)
+        description = tool.get("description")
+        out.append(ToolSpec(name, description if isinstance(description, str) else "", dict(schema)))
+    return tuple(out)
+
+
+def _tool_choice(raw: Any) -> Literal["auto", "none"]:
+    """auto or none. any and tool (force a call) and disable_parallel_tool_use are refused: droid
+    lets the model choose, and may run several calls at once."""
+    if raw is None:
+        return "auto"
+    if not isinstance(raw, Mapping) or raw.get("type") not in ("auto", "none", "any", "tool"):
+        raise errors.InvalidRequest("tool_choice: must be an object with type auto, none, any or tool.",
+                                    param="tool_choice")
+    if raw["type"] in ("any", "tool"):
+        raise errors.InvalidRequest(f"tool_choice: {raw['type']!r} cannot be honoured: droid cannot force a "
+                                    "tool call; use auto or none.", param="tool_choice")
+    if raw.get("disable_parallel_tool_use"):
+        raise errors.InvalidRequest("tool_choice.disable_parallel_tool_use cannot be honoured: the model may "
+                                    "call several tools at once.", param="tool_choice")
+    return "none" if raw["type"] == "none" else "auto"
 
 
 def _system(raw: Any) -> str:
@@ -275,6 +325,7 @@ class MessagesEncoder:
         self.index = -1
         self.block: str | None = None  # the open block's type
         self.thinking: list[str] = []
+        self.tool_names: dict[int, tuple[str, str]] = {}  # tool call index → (id, name)
 
     @staticmethod
     def event(name: str, **data: Any) -> Event:
@@ -285,14 +336,14 @@ class MessagesEncoder:
                    "stop_reason": None, "stop_sequence": None, "usage": usage_body(Usage())}
         return [self.event("message_start", message=message), self.event("ping")]
 
-    def _open(self, kind: str) -> list[Event]:
-        if self.block == kind:
+    def _open(self, kind: str, block: dict[str, Any] | None = None) -> list[Event]:
+        if self.block == kind and block is None:
             return []
         events = self._close()
         self.index += 1
         self.block = kind
-        block: dict[str, Any] = {"type": "text", "text": ""} if kind == "text" else \
-            {"type": "thinking", "thinking": "", "signature": ""}
+        if block is None:
+            block = {"type": "text", "text": ""} if kind == "text" else {"type": "thinking", "thinking": "", "signature": ""}
         return [*events, self.event("content_block_start", index=self.index, content_block=block)]
 
     def _close(self) -> list[Event]:
@@ -311,6 +362,15 @@ class MessagesEncoder:
         if isinstance(output, TextOut):
             return [*self._open("text"), self.event("content_block_delta", index=self.index,
                                                     delta={"type": "text_delta", "text": output.text})]
+        if isinstance(output, ToolCallOut):  # its block opens with its input: blocks never interleave
+            self.tool_names[output.index] = (output.id, output.name)
+            return []
+        if isinstance(output, ToolArgsOut):
+            call_id, name = self.tool_names[output.index]
+            return [*self._open("tool_use", {"type": "tool_use", "id": call_id, "name": name, "input": {}}),
+                    self.event("content_block_delta", index=self.index,
+                               delta={"type": "input_json_delta", "partial_json": output.arguments}),
+                    *self._close()]
         assert isinstance(output, ReasoningOut)
         self.thinking.append(output.text)
         return [*self._open("thinking"), self.event("content_block_delta", index=self.index,
@@ -323,7 +383,7 @@ class MessagesEncoder:
         opened = [] if self.index >= 0 else self._open("text")  # every message has a text block
         return [
             *opened, *self._close(),
-            self.event("message_delta", delta={"stop_reason": "end_turn", "stop_sequence": None},
+            self.event("message_delta", delta={"stop_reason": stop_reason(result), "stop_sequence": None},
                        usage=usage_body(result.usage)),
             self.event("message_stop"),
         ]
@@ -336,9 +396,16 @@ class MessagesEncoder:
         if result.reasoning:
             content.append({"type": "thinking", "thinking": result.reasoning,
                             "signature": signature(self.turn_id, result.reasoning)})
-        content.append({"type": "text", "text": result.text})
+        if result.text or not result.tool_calls:
+            content.append({"type": "text", "text": result.text})
+        content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": orjson.loads(c.arguments)}
+                    for c in result.tool_calls]
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
-                "stop_reason": "end_turn", "stop_sequence": None, "usage": usage_body(result.usage)}
+                "stop_reason": stop_reason(result), "stop_sequence": None, "usage": usage_body(result.usage)}
+
+
+def stop_reason(result: TurnResult) -> str:
+    return "tool_use" if result.stop == "tool_calls" else "end_turn"
 
 
 # --- errors -----------------------------------------------------------------------------------------

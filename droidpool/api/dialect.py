@@ -10,7 +10,7 @@ from droidpool import errors
 from droidpool.config import REASONING_EFFORTS
 from droidpool.core import conversation
 from droidpool.core.model import Output, TurnRequest, TurnResult
-from droidpool.core.turns import Turn
+from droidpool.core.turn import Turn
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from droidpool.core.turns import TurnService
 from droidpool.droid.protocol import Usage
 from droidpool.pool.pool import Pool
 
@@ -50,10 +51,31 @@ class PoolCollector(Collector):
         yield events
 
 
+class TurnsCollector(Collector):
+    """Turns parked on client tools, read from the turn service when Prometheus scrapes."""
+
+    EVENTS = ("parked", "resumed", "park_expired", "park_refused", "tool_results_fallback", "tools_deferred")
+
+    def __init__(self, turns: TurnService) -> None:
+        self.turns = turns
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("droidpool_parked_turns", "turns waiting for client tool results (each holds a worker)",
+                                value=len(self.turns.parked))
+        events = CounterMetricFamily(
+            "droidpool_tool_events",
+            "client tools: turns parked on calls, resumed with results, expired, refused (limit), results that "
+            "came too late (sent as a message), turns where droid deferred the tools behind ToolSearch",
+            labels=["event"])
+        for event in self.EVENTS:
+            events.add_metric([event], self.turns.counters[event])
+        yield events
+
+
 class Metrics:
     """One registry per daemon (no global state), scraped at GET /metrics."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, turns: TurnService | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("droidpool_requests", "turn requests by outcome",
                                 ["status", "stream"], registry=self.registry)
@@ -65,6 +87,8 @@ class Metrics:
                                   buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tokens = Counter("droidpool_tokens", "tokens droid reported", ["kind"], registry=self.registry)
         self.registry.register(PoolCollector(pool))
+        if turns is not None:
+            self.registry.register(TurnsCollector(turns))
 
     def observe(self, *, status: int, stream: bool, duration_s: float, ttft_s: float | None,
                 usage: Usage | None, dialect: str) -> None:

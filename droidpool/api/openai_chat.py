@@ -14,12 +14,15 @@ from droidpool.core.model import (
     Role,
     Text,
     TextOut,
+    ToolArgsOut,
     ToolCall,
+    ToolCallOut,
     ToolResult,
+    ToolSpec,
     TurnRequest,
     TurnResult,
 )
-from droidpool.core.turns import Turn
+from droidpool.core.turn import Turn
 from droidpool.droid.protocol import Usage
 
 from . import openai_wire
@@ -42,15 +45,15 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 # client in the X-Droidpool-Ignored-Params header.
 IGNORED_PARAMS = frozenset({
     "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "presence_penalty",
-    "frequency_penalty", "seed", "user", "metadata", "parallel_tool_calls", "service_tier",
-    "store", "tools", "functions", "logit_bias", "prediction", "modalities", "top_k",
+    "frequency_penalty", "seed", "user", "metadata", "service_tier",
+    "store", "logit_bias", "prediction", "modalities", "top_k",
     "prompt_cache_key", "safety_identifier", "verbosity",
 })
 # Refused: ignoring them would change what the client gets back.
 KNOWN_PARAMS = frozenset({
     "model", "messages", "stream", "stream_options", "reasoning_effort", "n",
     "logprobs", "top_logprobs", "response_format", "tool_choice", "function_call", "audio",
-    "web_search_options",
+    "web_search_options", "tools", "functions", "parallel_tool_calls",
 }) | IGNORED_PARAMS | OWN_PARAMS
 
 
@@ -84,11 +87,11 @@ def parse(body: Any, headers: Mapping[str, str]) -> Parsed:
         raise errors.InvalidRequest(
             "Only response_format {\"type\": \"text\"} is supported.", param="response_format"
         )
-    tool_choice = body.get("tool_choice", body.get("function_call"))
-    if tool_choice not in (None, "none", "auto"):
-        raise errors.InvalidRequest(
-            "Client-side tool calls are not supported: droid runs its own tools.", param="tool_choice"
-        )
+    tools = _tools(body)
+    tool_choice = openai_wire.tool_choice_of(body.get("tool_choice", body.get("function_call")), "tool_choice")
+    if body.get("parallel_tool_calls") is False:
+        raise errors.InvalidRequest("parallel_tool_calls=false cannot be honoured: the model may call several "
+                                    "tools at once.", param="parallel_tool_calls")
     for name in ("audio", "web_search_options"):
         if body.get(name) is not None:
             raise errors.InvalidRequest(f"'{name}' is not supported.", param=name)
@@ -96,9 +99,26 @@ def parse(body: Any, headers: Mapping[str, str]) -> Parsed:
     request = TurnRequest(
         model=model.strip(), messages=messages, system=system, stream=stream, reasoning_effort=effort,
         session_id=session_id(body, headers), conversation_key=conversation_key(body, headers),
-        dialect="openai", ignored=ignored,
+        tools=tools, tool_choice=tool_choice, dialect="openai", ignored=ignored,
     )
     return Parsed(request, {"include_usage": include_usage})
+
+
+def _tools(body: Mapping[str, Any]) -> tuple[ToolSpec, ...]:
+    """``tools`` (functions) and the legacy ``functions``, as the client defines them."""
+    raw = body.get("tools") or []
+    if not isinstance(raw, list):
+        raise errors.InvalidRequest("'tools' must be an array.", param="tools")
+    defs = []
+    for index, tool in enumerate(raw):
+        if not isinstance(tool, Mapping) or tool.get("type") != "function" or not isinstance(tool.get("function"), Mapping):
+            raise errors.InvalidRequest(f"'tools[{index}]' must be a function tool.", param=f"tools[{index}]")
+        defs.append((f"tools[{index}]", tool["function"]))
+    legacy = body.get("functions") or []
+    if not isinstance(legacy, list):
+        raise errors.InvalidRequest("'functions' must be an array.", param="functions")
+    defs += [(f"functions[{i}]", f) for i, f in enumerate(legacy)]
+    return tuple(openai_wire.tool_spec(f, where, "parameters") for where, f in defs)
 
 
 def _parse_messages(raw: Any) -> tuple[str, tuple[Message, ...]]:
@@ -130,9 +150,9 @@ def _parse_messages(raw: Any) -> tuple[str, tuple[Message, ...]]:
             parts = [ToolResult(call_id if isinstance(call_id, str) else "", text)]
         neutral_role: Role = role
         out.append(Message(neutral_role, tuple(parts)))
-    if last_role != "user":
+    if last_role not in ("user", "tool"):
         raise errors.InvalidRequest(
-            "The last message must be from the user: droid answers a user turn.",
+            "The last message must be from the user (or tool results): droid answers a user turn.",
             param=f"messages[{len(raw) - 1}].role",
         )
     return "\n\n".join(system), tuple(out)
@@ -217,14 +237,20 @@ class ChatEncoder:
     def feed(self, output: Output) -> list[Event]:
         if isinstance(output, TextOut):
             return [Event(self.chunk({"content": output.text}))]
-        assert isinstance(output, ReasoningOut)
-        return [Event(self.chunk({"reasoning_content": output.text}))]
+        if isinstance(output, ReasoningOut):
+            return [Event(self.chunk({"reasoning_content": output.text}))]
+        if isinstance(output, ToolCallOut):  # the name first, then the arguments
+            return [Event(self.chunk({"tool_calls": [{"index": output.index, "id": output.id, "type": "function",
+                                                      "function": {"name": output.name, "arguments": ""}}]}))]
+        assert isinstance(output, ToolArgsOut)
+        return [Event(self.chunk({"tool_calls": [{"index": output.index,
+                                                  "function": {"arguments": output.arguments}}]}))]
 
     def keepalive(self) -> list[Event]:
         return [COMMENT]
 
     def finish(self, result: TurnResult) -> list[Event]:
-        events = [Event(self.chunk({}, finish_reason="stop"))]
+        events = [Event(self.chunk({}, finish_reason=finish_reason(result)))]
         if self.include_usage:
             events.append(Event({
                 "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
@@ -240,15 +266,23 @@ class ChatEncoder:
         message: dict[str, Any] = {"role": "assistant", "content": result.text, "refusal": None}
         if result.reasoning:
             message["reasoning_content"] = result.reasoning
+        if result.tool_calls:
+            message["content"] = result.text or None
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}} for c in result.tool_calls]
         return {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(result)}],
             "usage": usage_body(result.usage),
         }
+
+
+def finish_reason(result: TurnResult) -> str:
+    return "tool_calls" if result.stop == "tool_calls" else "stop"
 
 
 DIALECT = Dialect("openai", parse, ChatEncoder, openai_wire.error_body)

@@ -12,12 +12,15 @@ from droidpool.core.model import (
     Output,
     ReasoningOut,
     TextOut,
+    ToolArgsOut,
     ToolCall,
+    ToolCallOut,
     ToolResult,
+    ToolSpec,
     TurnRequest,
     TurnResult,
 )
-from droidpool.core.turns import Turn
+from droidpool.core.turn import Turn
 from droidpool.droid.protocol import Usage
 
 from . import openai_wire
@@ -35,13 +38,13 @@ from .dialect import (
 )
 
 IGNORED_PARAMS = frozenset({
-    "include", "parallel_tool_calls", "max_output_tokens", "max_tool_calls", "metadata", "temperature",
+    "include", "max_output_tokens", "max_tool_calls", "metadata", "temperature",
     "top_p", "top_logprobs", "truncation", "user", "service_tier", "prompt_cache_key", "safety_identifier",
     "client_metadata", "stream_options", "tools",
 })
 KNOWN_PARAMS = frozenset({
     "model", "input", "instructions", "previous_response_id", "store", "stream", "reasoning", "text",
-    "tool_choice", "background", "conversation", "prompt",
+    "tool_choice", "background", "conversation", "prompt", "parallel_tool_calls",
 }) | IGNORED_PARAMS | OWN_PARAMS
 TEXT_PARTS = ("input_text", "output_text", "text")
 RESPONSE_ID = re.compile(r"^resp_([0-9a-f]{32})$")
@@ -83,18 +86,14 @@ def parse(body: Any, headers: Mapping[str, str]) -> Parsed:
     fmt = text.get("format")
     if fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"):
         raise errors.InvalidRequest("Only text.format {\"type\": \"text\"} is supported.", param="text.format")
-    tool_choice = body.get("tool_choice")
-    if tool_choice not in (None, "none", "auto") and not (
-        isinstance(tool_choice, Mapping) and tool_choice.get("type") in ("none", "auto")
-    ):
-        raise errors.InvalidRequest("Client-side tool calls are not supported: droid runs its own tools.",
-                                    param="tool_choice")
+    tool_choice = openai_wire.tool_choice_of(body.get("tool_choice"), "tool_choice")
+    if body.get("parallel_tool_calls") is False:
+        raise errors.InvalidRequest("parallel_tool_calls=false cannot be honoured: the model may call several "
+                                    "tools at once.", param="parallel_tool_calls")
     previous = optional(body, "previous_response_id", str, None)
     ignored = {k for k in body if k in IGNORED_PARAMS or k not in KNOWN_PARAMS}
-    tools = body.get("tools")
-    if isinstance(tools, list):
-        # Codex sends tool types droid has no counterpart for (web_search, custom, namespace, ...).
-        ignored |= {f"tools[{t.get('type')}]" for t in tools if isinstance(t, Mapping) and t.get("type") != "function"}
+    tools, unsupported = _tools(body.get("tools"))
+    ignored |= unsupported
     if text.get("verbosity") is not None:
         ignored.add("text.verbosity")
     echo = {"instructions": instructions or None, "previous_response_id": previous, "store": store,
@@ -103,9 +102,27 @@ def parse(body: Any, headers: Mapping[str, str]) -> Parsed:
         model=model.strip(), messages=messages, system=system, stream=stream, reasoning_effort=effort,
         session_id=session_id(body, headers), conversation_key=conversation_key(body, headers),
         previous_turn_id=turn_id_of(previous) if previous else None, keep_output=store,
-        dialect="responses", ignored=tuple(sorted(ignored)), echo=echo,
+        tools=tools, tool_choice=tool_choice, dialect="responses", ignored=tuple(sorted(ignored)), echo=echo,
     )
     return Parsed(request)
+
+
+def _tools(raw: Any) -> tuple[tuple[ToolSpec, ...], set[str]]:
+    """Function tools, and the types droid has no counterpart for (web_search, custom, namespace,
+    ...: Codex sends them), named for the ignored-params header."""
+    if raw is None:
+        return (), set()
+    if not isinstance(raw, list):
+        raise errors.InvalidRequest("'tools' must be an array.", param="tools")
+    specs, unsupported = [], set()
+    for index, tool in enumerate(raw):
+        if not isinstance(tool, Mapping):
+            raise errors.InvalidRequest(f"'tools[{index}]' must be an object.", param=f"tools[{index}]")
+        if tool.get("type") == "function":
+            specs.append(openai_wire.tool_spec(tool, f"tools[{index}]", "parameters"))
+        else:
+            unsupported.add(f"tools[{tool.get('type')}]")
+    return tuple(specs), unsupported
 
 
 def _input(raw: Any) -> tuple[list[str], tuple[Message, ...]]:
@@ -213,12 +230,23 @@ def response_object(
     }
 
 
+def call_item(item_id: str, call: ToolCall, status: str = "completed") -> dict[str, Any]:
+    return {"id": item_id, "type": "function_call", "status": status, "call_id": call.id, "name": call.name,
+            "arguments": call.arguments if status == "completed" else ""}
+
+
+def call_item_id(turn_id: str, index: int) -> str:
+    return f"fc_{turn_id}_{index}"
+
+
 def completed(result: TurnResult, echo: Mapping[str, Any]) -> dict[str, Any]:
     """The whole response of a completed turn (the body, and ``GET /v1/responses/{id}``)."""
     output = []
     if result.reasoning:
         output.append(reasoning_item(f"rs_{result.turn_id}", result.reasoning))
-    output.append(message_item(f"msg_{result.turn_id}", result.text))
+    if result.text or not result.tool_calls:
+        output.append(message_item(f"msg_{result.turn_id}", result.text))
+    output += [call_item(call_item_id(result.turn_id, i), c) for i, c in enumerate(result.tool_calls)]
     return response_object(f"resp_{result.turn_id}", result.model, result.created, echo, status="completed",
                            output=output, usage=result.usage)
 
@@ -241,6 +269,7 @@ class ResponsesEncoder:
         self.items: list[dict[str, Any]] = []  # finished output items
         self.open: dict[str, Any] | None = None  # the item being streamed
         self.text: list[str] = []
+        self.tool_names: dict[int, tuple[str, str]] = {}  # tool call index → (call id, name)
 
     def event(self, name: str, **data: Any) -> Event:
         payload = {"type": name, "sequence_number": self.sequence, **data}
@@ -297,7 +326,28 @@ class ResponsesEncoder:
         self.items.append(done)
         return [*events, self.event("response.output_item.done", output_index=index, item=done)]
 
+    def _call(self, output: ToolArgsOut) -> list[Event]:
+        """A function_call item whole: it is streamed once its arguments are known."""
+        events = self._close()
+        call_id, name = self.tool_names[output.index]
+        call = ToolCall(call_id, name, output.arguments)
+        item_id, index = call_item_id(self.turn_id, output.index), len(self.items)
+        done = call_item(item_id, call)
+        self.items.append(done)
+        return [*events,
+                self.event("response.output_item.added", output_index=index, item=call_item(item_id, call, "in_progress")),
+                self.event("response.function_call_arguments.delta", item_id=item_id, output_index=index,
+                           delta=output.arguments),
+                self.event("response.function_call_arguments.done", item_id=item_id, output_index=index,
+                           arguments=output.arguments),
+                self.event("response.output_item.done", output_index=index, item=done)]
+
     def feed(self, output: Output) -> list[Event]:
+        if isinstance(output, ToolCallOut):
+            self.tool_names[output.index] = (output.id, output.name)
+            return []
+        if isinstance(output, ToolArgsOut):
+            return self._call(output)
         kind = "message" if isinstance(output, TextOut) else "reasoning"
         events = self._open(kind)
         assert self.open is not None
@@ -315,8 +365,8 @@ class ResponsesEncoder:
 
     def finish(self, result: TurnResult) -> list[Event]:
         events = self._close() if self.items or self.open else []
-        if not any(i["type"] == "message" for i in self.items):
-            events += [*self._open("message"), *self._close()]  # every response has a message
+        if not any(i["type"] in ("message", "function_call") for i in self.items):
+            events += [*self._open("message"), *self._close()]  # every response has a message or calls
         return [*events, self.event("response.completed", response=self.snapshot("completed", usage=result.usage))]
 
     def failed(self, error: errors.DroidpoolError) -> list[Event]:

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from droidpool import errors
 from droidpool.core.access import access_for
-from droidpool.core.turns import Turn
+from droidpool.core.turn import Turn
 
 from .context import (
     AUTH,

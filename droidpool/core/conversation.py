@@ -56,8 +56,11 @@ def _arguments(arguments: str) -> str:
 
 
 def _hashed(message: Message) -> str:
-    # Text-only messages hash as they always have: role and normalized text.
-    form = f"{message.role}\0{normalize(message.text)}"
+    # Text-only messages hash as they always have: role and normalized text. A message with tool
+    # calls is known by its calls (their ids are unique): clients that resend it without the
+    # text that came with the calls, or with the text in an item of its own, still match.
+    calls = any(isinstance(p, ToolCall) for p in message.parts)
+    form = f"{message.role}\0{'' if calls else normalize(message.text)}"
     for part in message.parts:
         if isinstance(part, ToolCall):
             form += f"\0call\0{part.id}\0{part.name}\0{_arguments(part.arguments)}"
@@ -101,7 +104,7 @@ def _render(parts: Sequence[Part]) -> str:
 
 def turn_text(new: Sequence[Message]) -> str:
     """The text droid receives for the new turn."""
-    parts = [_render(m.parts) if m.role == "user" else f"[{m.role} message]\n{_render(m.parts)}" for m in new]
+    parts = [_render(m.parts) if m.role in ("user", "tool") else f"[{m.role} message]\n{_render(m.parts)}" for m in new]
     return "\n\n".join(parts)
 
 

@@ -91,6 +91,7 @@ class TurnRequest:
     previous_turn_id: str | None = None
     keep_output: bool = False  # store the output so it can be fetched again by its turn id
     tools: tuple[ToolSpec, ...] = ()
+    tool_choice: Literal["auto", "none"] = "auto"  # none: no client tool is offered this turn
     dialect: Dialect = "openai"
     ignored: tuple[str, ...] = ()  # accepted parameters that have no effect, for the client to see
     echo: Mapping[str, Any] = field(default_factory=dict)  # dialect data kept with a kept output
@@ -113,7 +114,24 @@ class ReasoningOut:
     text: str
 
 
-Output = TextOut | ReasoningOut
+@dataclass(frozen=True, slots=True)
+class ToolCallOut:
+    """The LLM calls client tool ``name`` (the client's name); its arguments follow."""
+
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolArgsOut:
+    """The whole arguments (JSON text) of the call at ``index``."""
+
+    index: int
+    arguments: str
+
+
+Output = TextOut | ReasoningOut | ToolCallOut | ToolArgsOut
 
 
 @dataclass(frozen=True)
@@ -128,12 +146,14 @@ class TurnResult:
     usage: Usage
     created: int  # Unix time the turn started
     stop: StopReason = "end_turn"
+    tool_calls: tuple[ToolCall, ...] = ()  # when ``stop`` is tool_calls: the client's names
 
     def to_json(self) -> dict[str, Any]:
         return {
             "turn_id": self.turn_id, "session_id": self.session_id, "model": self.model,
             "text": self.text, "reasoning": self.reasoning, "created": self.created, "stop": self.stop,
             "usage": self.usage.to_json(),
+            "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in self.tool_calls],
         }
 
     @classmethod
@@ -142,4 +162,5 @@ class TurnResult:
             str(data["turn_id"]), str(data["session_id"]), str(data["model"]), str(data["text"]),
             str(data.get("reasoning", "")), Usage.from_json(data.get("usage") or {}),
             int(data.get("created", 0)), data.get("stop", "end_turn"),
+            tuple(ToolCall(str(c["id"]), str(c["name"]), str(c["arguments"])) for c in data.get("tool_calls") or ()),
         )

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import orjson
 
 from droidpool import errors
 from droidpool.droid.protocol import (
     Notice,
+    PermissionAsked,
     Retracted,
     Retrying,
     TextDelta,
     ThinkingDelta,
+    ToolCallSeen,
     TurnCompleted,
     TurnError,
     TurnEvent,
     Usage,
 )
 
-from .model import Output, ReasoningOut, TextOut
+from .model import Output, ReasoningOut, TextOut, ToolArgsOut, ToolCall, ToolCallOut
 
 # agent_turn_completed reasons for failed turns → the error a client sees.
 _FAILURES: dict[str, type[errors.DroidpoolError]] = {
@@ -54,6 +59,12 @@ class Accumulator:
     problems: list[str] = field(default_factory=list)
     _messages: dict[str, _MessageText] = field(default_factory=dict)
     _last_message: str | None = None
+    # Client tools: droid's LLM name → the client's (None: not a client tool); the calls seen.
+    client_name: Callable[[str], str | None] = field(default=lambda name: None, repr=False)
+    _calls: dict[str, int] = field(default_factory=dict)  # tool-use id → index of its ToolCallOut
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    permission: PermissionAsked | None = None  # droid waits for this answer: the turn parks
+    saw_tool_search: bool = False  # the LLM had to search for the client's tools (they were deferred)
 
     def feed(self, event: TurnEvent) -> list[Output]:
         """What to send the client for ``event``."""
@@ -80,6 +91,28 @@ class Accumulator:
             self.completed = event
             self.usage = event.usage
             return []
+        if isinstance(event, ToolCallSeen):
+            name = self.client_name(event.name)
+            if name is None:
+                self.saw_tool_search = self.saw_tool_search or event.name == "ToolSearch"
+                return []
+            if event.id in self._calls:
+                return []
+            self._calls[event.id] = len(self._calls)
+            return [ToolCallOut(self._calls[event.id], event.id, name)]
+        if isinstance(event, PermissionAsked):
+            out: list[Output] = []
+            self.tool_calls = []
+            for use in event.tool_uses:
+                name = self.client_name(use.name) or use.name
+                if use.id not in self._calls:
+                    self._calls[use.id] = len(self._calls)
+                    out.append(ToolCallOut(self._calls[use.id], use.id, name))
+                arguments = orjson.dumps(use.input).decode()
+                self.tool_calls.append(ToolCall(use.id, name, arguments))
+                out.append(ToolArgsOut(self._calls[use.id], arguments))
+            self.permission = event
+            return out
         assert isinstance(event, Retrying)
         return []
 

@@ -1,112 +1,76 @@
-"""A turn's path: find or create its droid session, lease a worker, run the turn; it records itself."""
+"""Runs turns on droid sessions: a task of the service owns each droid turn; requests attach to it.
+
+A request asks for a turn; a driver task finds or creates its session (under the session's lock),
+leases a worker and starts the droid turn, then hands the request a ``Turn`` to read. When the
+request is done the driver releases everything. When the LLM calls client tools, droid waits for
+permission with no timeout: the turn is *parked* there, the request answers with the calls, and
+the driver keeps the lease, the locks and the open droid turn until the request that brings the
+results (it is resumed: permission granted, droid's MCP calls are answered with the results), or
+until the park expires (``tools.park_timeout_s``: interrupted).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
+import anyio.abc
 import structlog
 
 from droidpool import errors
-from droidpool.droid.protocol import TextDelta, ThinkingDelta, TurnEvent, Usage
-from droidpool.droid.worker import DroidRequestError, SessionSettings, TurnStream, Worker
+from droidpool.droid.protocol import PermissionAsked, Usage
+from droidpool.droid.worker import SessionSettings
 from droidpool.pool.pool import Pool, Want
 from droidpool.store.base import SessionRecord, SessionStore, TurnRow
 
 from . import conversation
 from .access import PUBLIC, Access
 from .catalog import Catalog
-from .model import Message, Output, TurnRequest, TurnResult
+from .model import Message, Text, ToolResult, TurnRequest, TurnResult
 from .output import Accumulator
+from .sessions import Sessions, key_lock
+from .tools import LLM_PREFIX, ToolBroker, client_name
+from .turn import Deadlines, Turn
 
 log = structlog.get_logger(__name__)
 
-KEY_LOCK = "conversation-id:"  # pool.session_lock namespace for conversation ids
+NO_TOOLS_KEY = "\0none"  # the broker's entry with no tools: what a session without tools gets
+
+
+@dataclass(frozen=True)
+class ToolLimits:
+    park_timeout_s: float = 300.0
+    max_parked: int = 64
+    max_parked_per_key: int = 8
 
 
 @dataclass
-class Deadlines:
-    first_token_s: float = 120.0
-    turn_s: float = 900.0
-    interrupt_grace_s: float = 3.0
+class Run:
+    """One droid turn's driver: the request currently reading it, and how it ends."""
+
+    turn: Turn
+    release: anyio.Event = field(default_factory=anyio.Event)  # no request will read it again
+    finished: anyio.Event = field(default_factory=anyio.Event)  # everything it held is released
+    expiry: anyio.CancelScope | None = None
 
 
 @dataclass
-class Turn:
-    """A running turn. ``outputs()`` streams it under its deadlines; when droid completes it,
-    it is recorded before the last output is handed over, and ``result`` is set. A turn that
-    fails raises its error from ``outputs()``; one left unfinished is settled as failed."""
-
-    turn_id: str
-    session_id: str
-    worker: Worker
-    new_session: bool
-    request: TurnRequest
-    _stream: TurnStream
-    _deadlines: Deadlines
-    _record: Callable[[Turn], Awaitable[TurnResult]] | None = field(default=None, repr=False)
-    accumulator: Accumulator = field(default_factory=Accumulator)
-    created: int = field(default_factory=lambda: int(time.time()))
-    started: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    result: TurnResult | None = None
-
-    @property
-    def usage(self) -> Usage:
-        return self.accumulator.usage
-
-    @property
-    def ttft_s(self) -> float | None:
-        return self.first_token_at - self.started if self.first_token_at is not None else None
-
-    async def outputs(self, tick_s: float) -> AsyncIterator[Output | None]:
-        """What to send, as droid produces it; None after ``tick_s`` of silence (keep-alive)."""
-        async for event in self._events(tick_s):
-            if event is None:
-                yield None
-                continue
-            for output in self.accumulator.feed(event):
-                yield output
-        failure = self.accumulator.failure()
-        if failure is not None:
-            raise failure
-        if self._record is not None:
-            self.result = await self._record(self)
-
-    async def _events(self, tick_s: float) -> AsyncIterator[TurnEvent | None]:
-        while True:
-            now = time.monotonic()
-            deadline = self.started + self._deadlines.turn_s
-            if self.first_token_at is None:
-                deadline = min(deadline, self.started + self._deadlines.first_token_s)
-            wait = min(tick_s, deadline - now)
-            if wait <= 0:
-                which = "first token" if self.first_token_at is None else "turn"
-                limit = self._deadlines.first_token_s if self.first_token_at is None else self._deadlines.turn_s
-                raise errors.DeadlineExceeded(f"droid exceeded the {which} deadline of {limit:g} s")
-            event: TurnEvent | None = None
-            with anyio.move_on_after(wait):
-                try:
-                    event = await self._stream.__anext__()
-                except StopAsyncIteration:
-                    return
-            if event is None:
-                if time.monotonic() >= deadline:
-                    continue
-                yield None
-                continue
-            if self.first_token_at is None and isinstance(event, TextDelta | ThinkingDelta):
-                self.first_token_at = time.monotonic()
-            yield event
+class _Start:
+    run: Run | None = None
+    error: BaseException | None = None
+    scope: anyio.CancelScope | None = None
+    ready: anyio.Event = field(default_factory=anyio.Event)
 
 
 class TurnService:
-    """Runs turns on droid sessions: which session, which worker, and the store's bookkeeping."""
+    """Runs turns on droid sessions: which session, which worker, the store's bookkeeping, and
+    the turns parked on client tools. ``async with service.running():`` owns their tasks."""
 
     def __init__(
         self,
@@ -115,18 +79,42 @@ class TurnService:
         base_settings: SessionSettings,
         catalog: Catalog,
         deadlines: Deadlines | None = None,
+        broker: ToolBroker | None = None,
+        tool_limits: ToolLimits | None = None,
     ) -> None:
         self.pool = pool
         self.store = store
         self.base_settings = base_settings
         self.catalog = catalog
         self.deadlines = deadlines or Deadlines()
+        self.broker = broker if broker is not None else ToolBroker()
+        self.tool_limits = tool_limits or ToolLimits()
+        self.sessions = Sessions(pool, store, base_settings)
+        self.parked: dict[str, Run] = {}  # session id → its parked turn
+        self.counters: Counter[str] = Counter()
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[TurnService]:
+        """Own the turns' tasks; on the way out, parked turns are interrupted and released."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            try:
+                yield self
+            finally:
+                self._tg = None
+                for run in list(self.parked.values()):
+                    run.release.set()
+                    if run.expiry is not None:
+                        run.expiry.cancel()
+                self.parked.clear()
 
     # --- a turn ------------------------------------------------------------------------------
 
     @asynccontextmanager
     async def turn(self, request: TurnRequest, access: Access = PUBLIC) -> AsyncIterator[Turn]:
-        """Find the session, lease a worker, start the turn; the block consumes its outputs.
+        """A turn for ``request``, to read in the block: a new droid turn, or the parked one the
+        request brings tool results for.
 
         The session is the one named by ``request.session_id``, else the one whose latest turn
         is ``request.previous_turn_id``, else the one named by ``request.conversation_key``
@@ -134,262 +122,277 @@ class TurnService:
         Leaving the block before the turn completes interrupts it; a turn that reached droid
         and was not recorded counts as failed (``store.fail_turn``).
         """
+        if request.tools and request.tool_choice == "auto" and not self.broker.enabled:
+            raise errors.InvalidRequest("Client tools are turned off on this server (tools.enabled = false); "
+                                        "send the request without tools.", param="tools")
         model_id, effort = self.catalog.resolve_with_effort(
             request.model, request.reasoning_effort, exact=request.effort_is_exact)
         if effort != request.reasoning_effort:
             request = dataclasses.replace(request, reasoning_effort=effort)
+        run = await self._resume(request, access)
+        if run is None:
+            run = await self._start(request, model_id, access)
+        try:
+            yield run.turn
+        finally:
+            await self._leave(run)
+
+    async def _start(self, request: TurnRequest, model_id: str, access: Access) -> Run:
+        if self._tg is None:
+            raise errors.Unavailable("droidpool is shutting down", retry_after=5)
+        start = _Start()
+        self._tg.start_soon(self._drive, start, request, model_id, access)
+        try:
+            await start.ready.wait()
+        except BaseException:
+            if start.scope is not None:  # the request went away while its turn was being set up
+                start.scope.cancel()
+            raise
+        if start.error is not None:
+            raise start.error
+        assert start.run is not None
+        return start.run
+
+    async def _drive(self, start: _Start, request: TurnRequest, model_id: str, access: Access) -> None:
+        """The task that owns one droid turn: its locks, its lease, the turn itself."""
+        try:
+            with anyio.CancelScope() as scope:
+                start.scope = scope
+                async with AsyncExitStack() as stack:
+                    run = await self._open(request, model_id, access, stack)
+                    start.run = run
+                    start.ready.set()
+                    await run.release.wait()
+        except Exception as exc:  # noqa: BLE001 - handed to the request, or logged
+            if start.run is None:
+                start.error = exc
+            else:
+                log.exception("turn.driver_failed", session=start.run.turn.session_id)
+        finally:
+            if start.run is None and start.error is None:
+                start.error = errors.Unavailable("droidpool is shutting down", retry_after=5)
+            if start.run is not None:
+                start.run.finished.set()
+            start.ready.set()
+
+    async def _open(self, request: TurnRequest, model_id: str, access: Access, stack: AsyncExitStack) -> Run:
+        """Find the session, lease a worker, start the droid turn (all held on ``stack``)."""
         split = conversation.split(request.messages)
         # Each owner's stateless histories live in their own digest space.
         seed = conversation.seed(request.system, namespace=access.owner)
         key = request.conversation_key
-        async with AsyncExitStack() as stack:
-            if key is not None:
-                # Held for the whole turn: a conversation id's first uses never race.
-                await stack.enter_async_context(self.pool.session_lock(f"{KEY_LOCK}{access.owner}\0{key}"))
-            record = await self._continued(request, split, seed, access, stack)
-            worker = None
-            if record is not None:
-                worker = await self._lease_continued(record, model_id, request, access, stack)
-            if record is not None and worker is not None:
-                session_id = record.session_id
-                base = record.head_digest or seed
-                sent: tuple[Message, ...] = split.new
-                prompt = conversation.turn_text(split.new)
-                await self.store.begin_turn(session_id)
-            else:
-                record = None
-                worker = await self._lease_new(model_id, request, access, stack)
-                assert worker.session_id is not None
-                session_id = worker.session_id
-                base = seed
-                sent = (*split.history, *split.new)
-                prompt = conversation.transcript_prompt(split.history, split.new)
-            turn_id = uuid.uuid4().hex
-            started_at = time.time()
-            log.debug("turn.start", session=session_id, worker=worker.id, new=record is None, prompt=prompt)
-            started: list[Turn] = []
+        if key is not None:
+            # Held for the whole turn: a conversation id's first uses never race.
+            await stack.enter_async_context(self.pool.session_lock(key_lock(access.owner, key)))
+        record = await self.sessions.continued(request, split, seed, access, stack)
+        worker = None
+        if record is not None:
+            want = self._want(model_id, request, None, access, record.session_id)
+            worker = await self.sessions.lease_continued(record, want, request, stack)
+        if record is not None and worker is not None:
+            session_id = record.session_id
+            base = record.head_digest or seed
+            sent: tuple[Message, ...] = split.new
+            prompt = conversation.turn_text(split.new)
+            if any(isinstance(p, ToolResult) for m in split.new for p in m.parts):
+                self.counters["tool_results_fallback"] += 1
+                log.warning("turn.tool_results_fallback", session=session_id,
+                            why="no parked turn waits for them (expired, or its worker died): sent as a message")
+            await self.store.begin_turn(session_id)
+        else:
+            record = None
+            placeholder = f"\0new-{uuid.uuid4().hex}"
+            want = self._want(model_id, request, request.system, access, placeholder)
+            worker = await self.sessions.lease_new(want, request, access, stack)
+            assert worker.session_id is not None
+            session_id = worker.session_id
+            self.broker.rename(placeholder, session_id)
+            base = seed
+            sent = (*split.history, *split.new)
+            prompt = conversation.transcript_prompt(split.history, split.new)
+        log.debug("turn.start", session=session_id, worker=worker.id, new=record is None, prompt=prompt)
+        runs: list[Run] = []
+        stack.push_async_callback(self._settle_run, runs, request, access, session_id)
+        entry = self.broker.get(session_id)
 
-            async def record_turn(turn: Turn) -> TurnResult:
-                return await self._complete(turn, base, sent, access, started_at)
+        def park(asked: PermissionAsked) -> bool:
+            return all(client_name(entry, use.name) is not None for use in asked.tool_uses)
 
-            async def settle() -> None:
-                if not started or started[0].result is None:
-                    usage = started[0].usage if started else Usage()
-                    await self._settle(turn_id, session_id, request, access, started_at, usage)
+        stream = await stack.enter_async_context(worker.turn(prompt, self.deadlines.interrupt_grace_s, park))
+        turn = Turn(uuid.uuid4().hex, session_id, worker, record is None, request, access, base, sent, stream,
+                    self.deadlines, self._complete, self._park,
+                    Accumulator(client_name=lambda name: client_name(self.broker.get(session_id), name)))
+        runs.append(Run(turn))
+        return runs[0]
 
-            stack.push_async_callback(settle)
-            stream = await stack.enter_async_context(worker.turn(prompt, self.deadlines.interrupt_grace_s))
-            turn = Turn(turn_id, session_id, worker, record is None, request, stream, self.deadlines, record_turn,
-                        created=int(started_at))
-            started.append(turn)
-            yield turn
+    def _want(self, model_id: str, request: TurnRequest, system: str | None, access: Access, key: str) -> Want:
+        """What the pool must give this turn, MCP servers included: a session with client tools
+        gets its own server; one without, a server with no tools when the worker has another's."""
+        settings = self._settings(model_id, request, system, access)
+        if not self.broker.enabled:
+            return Want(settings, session_id=None if key.startswith("\0") else key)
+        tools = request.tools if request.tool_choice == "auto" else ()
+        reset = (self.broker.server_param(self.broker.offer(NO_TOOLS_KEY, ())),)
+        servers: tuple[dict[str, object], ...] = ()
+        if tools or self.broker.get(key) is not None:
+            servers = (self.broker.server_param(self.broker.offer(key, tools)),)
+        return Want(settings, session_id=None if key.startswith("\0") else key, mcp_servers=servers, mcp_reset=reset)
 
-    async def _complete(
-        self, turn: Turn, base: str, sent: tuple[Message, ...], access: Access, started_at: float
-    ) -> TurnResult:
-        """Store the session's new head (its history now ends with this answer) and the turn."""
-        acc = turn.accumulator
-        result = TurnResult(turn.turn_id, turn.session_id, turn.request.model, acc.text, acc.reasoning,
-                            acc.usage, turn.created)
-        head = conversation.extend(base, (*sent, Message.of("assistant", acc.text)))
-        kept = {"result": result.to_json(), "echo": dict(turn.request.echo)} if turn.request.keep_output else None
-        row = TurnRow(turn.turn_id, turn.session_id, turn.request.model, acc.usage, started_at, access.owner,
-                      turn.request.dialect, kept)
+    async def _leave(self, run: Run) -> None:
+        """The request is done with its turn: release it, or keep it parked for the results."""
+        turn = run.turn
+        if turn.parked and not run.release.is_set() and self._tg is not None:
+            self.parked[turn.session_id] = run
+            run.expiry = anyio.CancelScope()
+            self._tg.start_soon(self._expire, run)
+            return
+        run.release.set()
         with anyio.CancelScope(shield=True):
-            await self.store.complete_turn(row, head)
+            await run.finished.wait()
+
+    # --- parking ------------------------------------------------------------------------------
+
+    async def _park(self, turn: Turn) -> TurnResult:
+        """The LLM called client tools and droid waits for permission: record the turn as far as
+        the calls (the client resends them with the results) and keep it open."""
+        owner_parked = sum(1 for r in self.parked.values() if r.turn.access.owner == turn.access.owner)
+        limits = self.tool_limits
+        if len(self.parked) >= limits.max_parked or owner_parked >= limits.max_parked_per_key:
+            assert turn.accumulator.permission is not None
+            await turn.worker.answer_permission(turn.accumulator.permission.request_id, "cancel")
+            self.counters["park_refused"] += 1
+            raise errors.Overloaded(
+                f"Too many turns wait for client tool results ({len(self.parked)} in all, {owner_parked} of "
+                "this key's); send the results of the pending ones first.", code="parked_limit", retry_after=5)
+        acc = turn.accumulator
+        result = TurnResult(turn.turn_id, turn.session_id, turn.request.model, acc.text, acc.reasoning, acc.usage,
+                            turn.created, stop="tool_calls", tool_calls=tuple(acc.tool_calls))
+        answer = Message("assistant", (Text(acc.text), *acc.tool_calls))
+        await self._record(turn, result, answer)
+        turn.parked = True
+        self.counters["parked"] += 1
+        log.info("turn.parked", session=turn.session_id, calls=[c.name for c in acc.tool_calls])
         return result
 
-    async def _settle(
-        self, turn_id: str, session_id: str, request: TurnRequest, access: Access, started_at: float, usage: Usage
-    ) -> None:
-        """A turn that reached droid and was not recorded failed: keep its usage, and keep
-        stateless resends off the session, whose droid history now holds the failed message."""
-        row = TurnRow(turn_id, session_id, request.model, usage, started_at, access.owner, request.dialect,
-                      status="failed")
+    async def _expire(self, run: Run) -> None:
+        assert run.expiry is not None
+        with run.expiry:
+            await anyio.sleep(self.tool_limits.park_timeout_s)
+            if self.parked.get(run.turn.session_id) is run:
+                del self.parked[run.turn.session_id]
+                self.counters["park_expired"] += 1
+                log.warning("turn.park_expired", session=run.turn.session_id, after_s=self.tool_limits.park_timeout_s)
+                run.release.set()
+
+    async def _resume(self, request: TurnRequest, access: Access) -> Run | None:
+        """The parked turn this request brings the results for, carried on; None if there is
+        none (a request for a session with a parked turn but no results cancels that turn)."""
+        if not self.parked:
+            return None
+        seed = conversation.seed(request.system, namespace=access.owner)
+        session_id = await self.sessions.candidate(request, seed, access)
+        run = self.parked.get(session_id) if session_id is not None else None
+        if run is None or run.turn.access.owner != access.owner:
+            return None
+        new = conversation.split(request.messages).new
+        results = [p for m in new for p in m.parts if isinstance(p, ToolResult)]
+        parked = run.turn
+        calls = parked.accumulator.tool_calls
+        if not results:  # the client moved on without the results: droid's calls are cancelled
+            await self._unpark(run)
+            return None
+        wanted, got = {c.id for c in calls}, {r.call_id for r in results}
+        if wanted != got:
+            raise errors.InvalidRequest(
+                f"The tool results answer {sorted(got)}, but the pending calls are {sorted(wanted)}: "
+                "send one result for each of them.", param="messages")
+        permission = parked.accumulator.permission
+        assert permission is not None
+        by_id = {r.call_id: r for r in results}
+        text = "\n\n".join(p.text for m in new for p in m.parts if isinstance(p, Text) and p.text.strip())
+        if text:  # droid cannot take a message mid-turn: the client's words go with the last result
+            last = by_id[permission.tool_uses[-1].id]
+            by_id[last.call_id] = ToolResult(last.call_id, f"{last.content}\n\n[The user added: {text}]",
+                                             last.is_error)
+        del self.parked[parked.session_id]
+        if run.expiry is not None:
+            run.expiry.cancel()
+        self.broker.supply(parked.session_id, [(use.name.removeprefix(LLM_PREFIX), use.input, by_id[use.id])
+                                               for use in permission.tool_uses])
+        await self.store.begin_turn(parked.session_id)
+        run.turn = parked.resumed(uuid.uuid4().hex, request, access, tuple(new))
+        self.counters["resumed"] += 1
+        log.info("turn.resumed", session=parked.session_id, results=len(results))
+        await parked.worker.answer_permission(permission.request_id, "proceed_once")
+        return run
+
+    async def _unpark(self, run: Run) -> None:
+        self.parked.pop(run.turn.session_id, None)
+        if run.expiry is not None:
+            run.expiry.cancel()
+        run.release.set()
         with anyio.CancelScope(shield=True):
-            await self.store.fail_turn(row)
-        log.info("turn.failed", session=session_id)
+            await run.finished.wait()
 
-    async def _lease_continued(
-        self, record: SessionRecord, model_id: str, request: TurnRequest, access: Access, stack: AsyncExitStack
-    ) -> Worker | None:
-        """A worker holding ``record``'s session; None if droid lost it and the client resent
-        its whole history (so a new session loses nothing)."""
-        want = Want(self._settings(model_id, request, None, access), session_id=record.session_id)
-        try:
-            return await stack.enter_async_context(self.pool.lease(want))
-        except errors.SessionNotFound:
-            # droid lost the session (its files were removed): forget it too.
-            log.warning("turn.session_lost", session=record.session_id)
-            await self.store.delete(record.session_id)
-            named = request.session_id is not None or request.previous_turn_id is not None
-            if not named and record.conversation_key is None:
-                return None
-            raise errors.SessionNotFound(
-                f"droid no longer has session {record.session_id!r}; it is forgotten, "
-                "and the next request starts a new one.",
-                param="session_id" if request.session_id is not None else (
-                    "previous_turn" if request.previous_turn_id is not None else "conversation_id"),
-            ) from None
+    async def release_session(self, session_id: str) -> None:
+        """A parked turn on ``session_id`` gives up its locks (before a delete or a fork)."""
+        run = self.parked.get(session_id)
+        if run is not None:
+            await self._unpark(run)
 
-    async def _lease_new(
-        self, model_id: str, request: TurnRequest, access: Access, stack: AsyncExitStack
-    ) -> Worker:
-        """A worker with a new session, recorded (named by the conversation key) with a turn in flight."""
-        settings = self._settings(model_id, request, request.system, access)
-        worker = await stack.enter_async_context(self.pool.lease(Want(settings)))
-        assert worker.session_id is not None
-        key = request.conversation_key
-        if not await self.store.create(worker.session_id, request.model, conversation_key=key, in_flight=True,
-                                       owner=access.owner):
-            raise errors.ConversationConflict(  # only if another process took the id meanwhile
-                f"The conversation id {key!r} names another session.", param="conversation_id"
-            )
-        await stack.enter_async_context(self.pool.session_lock(worker.session_id))
-        return worker
+    # --- the store's bookkeeping ----------------------------------------------------------------
 
-    async def _continued(
-        self,
-        request: TurnRequest,
-        split: conversation.Split,
-        seed: str,
-        access: Access,
-        stack: AsyncExitStack,
-    ) -> SessionRecord | None:
-        """The session this request continues, its lock held on ``stack``; None: a new one.
+    async def _complete(self, turn: Turn) -> TurnResult:
+        """Store the session's new head (its history now ends with this answer) and the turn."""
+        acc = turn.accumulator
+        if acc.saw_tool_search:
+            self.counters["tools_deferred"] += 1
+            log.warning("turn.client_tools_deferred", session=turn.session_id,
+                        detail="droid hid the client tools behind ToolSearch: an extra LLM round trip")
+        result = TurnResult(turn.turn_id, turn.session_id, turn.request.model, acc.text, acc.reasoning,
+                            acc.usage, turn.created)
+        await self._record(turn, result, Message.of("assistant", acc.text))
+        return result
 
-        Another owner's session is never found: to them it does not exist (404)."""
-        owner = access.owner
-        key = request.conversation_key
-        if request.session_id is not None:
-            record = await self._lock(request.session_id, stack, lambda r: r.owner == owner)
-            if record is None:
-                raise errors.SessionNotFound(
-                    f"No session {request.session_id!r} (unknown, expired or deleted).", param="session_id"
-                )
-            if key is not None and record.conversation_key != key:
-                await self._bind(record.session_id, key, owner)
-            return record
-        if request.previous_turn_id is not None:
-            return await self._after_turn(request.previous_turn_id, key, owner, stack)
-        if key is not None:
-            named = await self.store.by_key(key, owner)
-            if named is not None:
-                # Under the key's lock only a DELETE can change it meanwhile: then start anew.
-                return await self._lock(named.session_id, stack,
-                                        lambda r: r.conversation_key == key and r.owner == owner)
-        if not split.history:
-            return None
-        base = conversation.extend(seed, split.history)
-        found = await self.store.find_head(base)
-        if found is None:
-            return None
-        # Another request on the same history may have moved it on meanwhile.
-        record = await self._lock(found.session_id, stack,
-                                  lambda r: r.head_digest == base and r.matchable and r.owner == owner)
-        if record is not None and key is not None:
-            await self._bind(record.session_id, key, owner)
-        return record
+    async def _record(self, turn: Turn, result: TurnResult, answer: Message) -> None:
+        head = conversation.extend(turn.base, (*turn.sent, answer))
+        kept = {"result": result.to_json(), "echo": dict(turn.request.echo)} if turn.request.keep_output else None
+        row = TurnRow(turn.turn_id, turn.session_id, turn.request.model, result.usage, turn.started_at,
+                      turn.access.owner, turn.request.dialect, kept)
+        with anyio.CancelScope(shield=True):
+            await self.store.complete_turn(row, head)
+        turn.head = head
 
-    async def _after_turn(
-        self, turn_id: str, key: str | None, owner: str, stack: AsyncExitStack
-    ) -> SessionRecord:
-        """The session whose latest completed turn is ``turn_id``, locked."""
-        previous = await self.store.get_turn(turn_id, owner)
-        record = None
-        if previous is not None:
-            record = await self._lock(previous.session_id, stack, lambda r: r.owner == owner)
-        if previous is None or record is None:
-            raise errors.ResponseNotFound("No stored response to continue from (unknown, not stored, deleted "
-                                          "or expired).", param="previous_turn")
-        if record.last_turn_id != turn_id:
-            raise errors.Conflict(
-                "That response is not the latest of its conversation: continue from the latest one, "
-                "or resend the history.",
-                param="previous_turn", code="response_not_latest",
-            )
-        if key is not None and record.conversation_key != key:
-            await self._bind(record.session_id, key, owner)
-        return record
-
-    async def _lock(
-        self, session_id: str, stack: AsyncExitStack, accept: Callable[[SessionRecord], bool]
-    ) -> SessionRecord | None:
-        """Take the session's lock and read it again; keep the lock only if it is ``accept``ed.
-
-        Deciding after the lock is what makes a DELETE, or a concurrent turn that moved the
-        session on, win over a request that found the session just before.
-        """
-        held = AsyncExitStack()
-        await held.enter_async_context(self.pool.session_lock(session_id))
-        try:
-            record = await self.store.get(session_id)
-        except BaseException:
-            await held.aclose()
-            raise
-        if record is None or not accept(record):
-            await held.aclose()
-            return None
-        stack.push_async_callback(held.aclose)
-        return record
-
-    async def _bind(self, session_id: str, key: str, owner: str) -> None:
-        if not await self.store.bind_key(session_id, key, owner):
-            raise errors.ConversationConflict(
-                f"The conversation id {key!r} already names another session.", param="conversation_id"
-            )
+    async def _settle_run(self, runs: list[Run], request: TurnRequest, access: Access, session_id: str) -> None:
+        """A turn that reached droid and was not recorded failed: keep its usage, and keep
+        stateless resends off the session, whose droid history now holds the failed message.
+        A parked turn that ended without its results (expired, cancelled, shut down) keeps the
+        session as it is: the results, if they come, go to droid as a message."""
+        turn = runs[0].turn if runs else None
+        if turn is not None and turn.result is not None and not turn.parked:
+            return
+        usage = turn.usage if turn is not None else Usage()
+        row = TurnRow(turn.turn_id if turn else uuid.uuid4().hex, session_id,
+                      (turn.request if turn else request).model, usage,
+                      turn.started_at if turn else time.time(), access.owner,
+                      (turn.request if turn else request).dialect,
+                      status="park_ended" if turn is not None and turn.parked else "failed")
+        with anyio.CancelScope(shield=True):
+            await self.store.fail_turn(row, diverge=not (turn is not None and turn.parked))
+        log.info("turn.failed" if row.status == "failed" else "turn.park_ended", session=session_id)
 
     # --- sessions ----------------------------------------------------------------------------
 
     async def fork(self, session_id: str, conversation_key: str | None = None, access: Access = PUBLIC) -> SessionRecord:
-        """A new session with a copy of ``session_id``'s droid history (``droid.fork_session``).
-
-        The source is untouched. The fork has the source's history digest but is not continued
-        by a stateless resend until it has run a turn of its own: it is meant to be used by id.
-        """
-        async with AsyncExitStack() as stack:
-            if conversation_key is not None:
-                lock = f"{KEY_LOCK}{access.owner}\0{conversation_key}"
-                await stack.enter_async_context(self.pool.session_lock(lock))
-                if await self.store.by_key(conversation_key, access.owner) is not None:
-                    raise errors.ConversationConflict(
-                        f"The conversation id {conversation_key!r} already names another session.",
-                        param="conversation_id",
-                    )
-            source = await self._lock(session_id, stack, lambda r: r.owner == access.owner)
-            if source is None:
-                raise errors.SessionNotFound(f"No session {session_id!r} (unknown, expired or deleted).")
-            # No model in the settings: the lease loads the session and changes nothing in it.
-            keep = SessionSettings(autonomy=self.base_settings.autonomy,
-                                   disabled_tool_ids=self.base_settings.disabled_tool_ids)
-            try:
-                async with self.pool.lease(Want(keep, session_id=session_id)) as worker:
-                    result = await worker.call("droid.fork_session", {})
-            except errors.SessionNotFound:
-                await self.store.delete(session_id)
-                raise errors.SessionNotFound(f"droid no longer has session {session_id!r}; it is forgotten.") from None
-            except DroidRequestError as exc:
-                raise errors.UpstreamError(f"droid refused droid.fork_session: {exc.droid_message}") from None
-            fork_id = result.get("newSessionId")
-            if not isinstance(fork_id, str) or not fork_id:
-                raise errors.UpstreamError("droid.fork_session returned no newSessionId")
-            await self.store.create(
-                fork_id, source.model, conversation_key=conversation_key, parent_id=session_id,
-                head_digest=source.head_digest, diverged=source.diverged or source.in_flight,
-                owner=access.owner,
-            )
-            record = await self.store.get(fork_id)
-            assert record is not None
-            log.info("session.forked", session=session_id, fork=fork_id)
-            return record
+        await self.release_session(session_id)
+        return await self.sessions.fork(session_id, conversation_key, access)
 
     async def delete(self, session_id: str, access: Access = PUBLIC) -> bool:
-        """Forget a session (after a running turn on it ends); no request reaches it again."""
-        async with self.pool.session_lock(session_id):
-            record = await self.store.get(session_id)
-            if record is None or record.owner != access.owner:
-                return False
-            return await self.store.delete(session_id)
+        await self.release_session(session_id)
+        deleted = await self.sessions.delete(session_id, access)
+        if deleted:
+            self.broker.forget(session_id)
+        return deleted
 
     def _settings(self, model_id: str, request: TurnRequest, system: str | None, access: Access) -> SessionSettings:
         base = self.base_settings

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -15,11 +16,14 @@ from aiohttp import web
 
 from droidpool.api.app import build_app
 from droidpool.api.browser import BrowserPolicy
+from droidpool.api.mcp import build_mcp_app
 from droidpool.api.metrics import Metrics
 from droidpool.config import Config, ConfigError
 from droidpool.core.access import Authenticator, load_keys
 from droidpool.core.catalog import Catalog
-from droidpool.core.turns import Deadlines, TurnService
+from droidpool.core.turn import Deadlines
+from droidpool.core.tools import ToolBroker
+from droidpool.core.turns import ToolLimits, TurnService
 from droidpool.droid.launch import StartupError, base_settings, byok_names, launch_spec
 from droidpool.droid.sessions import apply_prune, droid_sessions_dir, plan_prune
 from droidpool.droid.worker import LaunchSpec
@@ -54,14 +58,49 @@ def deadlines(config: Config) -> Deadlines:
     return Deadlines(first_token_s=d.first_token_s, turn_s=d.turn_s, interrupt_grace_s=d.interrupt_grace_s)
 
 
-def build_turns(config: Config, pool: Pool, store: SessionStore) -> TurnService:
+def tool_limits(config: Config) -> ToolLimits:
+    t = config.tools
+    return ToolLimits(park_timeout_s=t.park_timeout_s, max_parked=t.max_parked, max_parked_per_key=t.max_parked_per_key)
+
+
+def build_turns(config: Config, pool: Pool, store: SessionStore, broker: ToolBroker | None = None) -> TurnService:
     catalog = Catalog(
         lambda: pool.available_models,
         configured=[m.id for m in config.pool.models],
         byok_names=byok_names(config),
         aliases=config.models.aliases,
     )
-    return TurnService(pool, store, base_settings(config), catalog, deadlines(config))
+    return TurnService(pool, store, base_settings(config), catalog, deadlines(config), broker, tool_limits(config))
+
+
+@asynccontextmanager
+async def tool_endpoint(broker: ToolBroker) -> AsyncIterator[str]:
+    """droidpool's internal MCP endpoint for client tools, on a loopback port of its own; the
+    broker's url while it runs."""
+    runner = web.AppRunner(build_mcp_app(broker), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        broker.url = f"http://{host}:{port}/mcp"
+        log.info("droidpool.tool_endpoint", url=broker.url)
+        yield broker.url
+    finally:
+        broker.url = ""
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def running_turns(config: Config, pool: Pool, store: SessionStore) -> AsyncIterator[TurnService]:
+    """The turn service with its tasks and, when client tools are on, its MCP endpoint."""
+    broker = ToolBroker()
+    async with AsyncExitStack() as stack:
+        if config.tools.enabled:
+            await stack.enter_async_context(tool_endpoint(broker))
+        turns = build_turns(config, pool, store, broker)
+        async with turns.running():
+            yield turns
 
 
 async def serve(config: Config, reload: Callable[[], Config] | None = None) -> None:
@@ -122,12 +161,13 @@ class Daemon:
         restart_only = [
             key for key in ("host", "port", "state_dir", "max_body_bytes", "allowed_hosts", "cors_origins")
             if getattr(new.server, key) != getattr(self.config.server, key)
-        ]
+        ] + (["tools.enabled"] if new.tools.enabled != self.config.tools.enabled else [])
         if restart_only or new.store != self.config.store:
             log.warning("droidpool.reload_needs_restart", keys=restart_only or ["store"])
         self.pool.reconfigure(pool_policy(new), spec)
         self.auth.set_keys(keys)
         self.turns.deadlines = deadlines(new)
+        self.turns.tool_limits = tool_limits(new)
         self.turns.catalog.aliases = dict(new.models.aliases)
         if new.server.log_level != self.config.server.log_level:
             logs.configure(new.server.log_level)
@@ -147,16 +187,16 @@ class Daemon:
         store = SqliteStore(config.store_path, config.store.session_ttl_s)
         await store.open()
         try:
-            async with build_pool(config, spec) as pool:
+            async with build_pool(config, spec) as pool, running_turns(config, pool, store) as turns:
                 self.pool = pool
-                self.turns = build_turns(config, pool, store)
+                self.turns = turns
                 app = build_app(
                     self.turns, pool, store,
                     max_body_bytes=config.server.max_body_bytes,
                     keepalive_s=config.server.keepalive_s,
                     body_timeout_s=config.server.body_timeout_s,
                     auth=self.auth,
-                    metrics=Metrics(pool),
+                    metrics=Metrics(pool, turns),
                     default_autonomy=config.droid.autonomy,
                     browser_policy=BrowserPolicy.of(config.server.host, config.server.allowed_hosts,
                                                     config.server.cors_origins),

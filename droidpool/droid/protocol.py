@@ -190,7 +190,44 @@ class TurnCompleted:
     duration_ms: int = 0
 
 
-TurnEvent = TextDelta | ThinkingDelta | Retracted | Retrying | TurnError | Notice | TurnCompleted
+@dataclass(frozen=True, slots=True)
+class ToolCallSeen:
+    """The LLM calls a tool: once with an empty input as soon as the name is known, then with
+    the whole input (droid 0.225.2 streams no partial arguments)."""
+
+    id: str
+    name: str
+    input: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ToolUse:
+    id: str
+    name: str
+    input: Any
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionAsked:
+    """droid waits, with no timeout, for permission to run these tool uses of one assistant
+    message (``droid.request_permission``); the turn answers it."""
+
+    request_id: Any
+    tool_uses: tuple[ToolUse, ...]
+
+
+TurnEvent = (TextDelta | ThinkingDelta | Retracted | Retrying | TurnError | Notice | TurnCompleted | ToolCallSeen
+             | PermissionAsked)
+
+
+def tool_uses(params: dict[str, Any]) -> tuple[ToolUse, ...]:
+    """The tool uses a ``droid.request_permission`` lists."""
+    out = []
+    for entry in params.get("toolUses") or ():
+        use = entry.get("toolUse") if isinstance(entry, dict) else None
+        if isinstance(use, dict) and isinstance(use.get("id"), str) and isinstance(use.get("name"), str):
+            out.append(ToolUse(use["id"], use["name"], use.get("input") if use.get("input") is not None else {}))
+    return tuple(out)
 
 # agent_turn_completed reasons that mean the turn produced a usable answer.
 SUCCESS_REASONS = frozenset({"completed"})
@@ -219,6 +256,11 @@ def turn_event(note: Notification) -> TurnEvent | None:
                 if isinstance(block, dict) and block.get("type") == "text"
             ]
             return Notice("\n".join(texts))
+        return None
+    if note.kind == "tool_call":
+        use = p.get("toolUse")
+        if isinstance(use, dict) and isinstance(use.get("id"), str) and isinstance(use.get("name"), str):
+            return ToolCallSeen(use["id"], use["name"], use.get("input") if use.get("input") is not None else {})
         return None
     if note.kind == "agent_turn_completed":
         duration = p.get("durationMs")

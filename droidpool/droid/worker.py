@@ -25,6 +25,7 @@ from droidpool import errors
 
 from .protocol import (
     Message,
+    PermissionAsked,
     ProtocolError,
     Response,
     ServerRequest,
@@ -33,6 +34,7 @@ from .protocol import (
     encode_request,
     encode_response,
     parse_line,
+    tool_uses,
     turn_event,
 )
 
@@ -129,13 +131,17 @@ class LineReader:
             self._buffer.extend(chunk)
 
 
+ParkPolicy = Callable[[PermissionAsked], bool]  # True: the turn answers this permission request itself
+
+
 class _Turn:
-    def __init__(self) -> None:
+    def __init__(self, park: ParkPolicy | None) -> None:
         self.send, self.receive = anyio.create_memory_object_stream[TurnEvent](
             TURN_EVENT_BUFFER
         )
         self.done = anyio.Event()
         self.abandoned = False
+        self.park = park
 
 
 _ids = itertools.count(1)
@@ -159,6 +165,7 @@ class Worker:
         self.exit_code: int | None = None
         self.rss = 0  # bytes, of the whole process group; measured by the pool
         self.session_dir: Path | None = None
+        self.mcp_servers: list[dict[str, Any]] = []  # the servers droid was last given (load_session)
         self._process: anyio.abc.Process | None = None
         self._stderr: collections.deque[bytes] = collections.deque()
         self._stderr_size = 0
@@ -207,15 +214,19 @@ class Worker:
         task_group.start_soon(self._drain_stderr)
         log.debug("worker.spawned", worker=self.id, pid=self._process.pid)
 
-    async def initialize(self, settings: SessionSettings, timeout: float) -> str:
+    async def initialize(self, settings: SessionSettings, timeout: float,
+                         mcp_servers: list[dict[str, Any]] | None = None) -> str:
         """Start a fresh droid session; only valid while the process has held no conversation."""
         assert not self.used, "initialize_session after a turn leaks the old context"
         # Each session works in a directory of its own (droid keeps it across load_session).
         workdir = Path(self.spec.cwd) / "sessions" / uuid.uuid4().hex
         workdir.mkdir(parents=True, mode=0o700)
-        result = await self.call(
-            "droid.initialize_session", settings.init_params(self.spec.machine_id, str(workdir)), timeout
-        )
+        params = settings.init_params(self.spec.machine_id, str(workdir))
+        if mcp_servers is not None:
+            params["mcpServers"] = mcp_servers
+        result = await self.call("droid.initialize_session", params, timeout)
+        if mcp_servers is not None:
+            self.mcp_servers = mcp_servers
         session_id = result.get("sessionId")
         if not isinstance(session_id, str):
             raise errors.UpstreamError("droid.initialize_session returned no sessionId")
@@ -230,10 +241,17 @@ class Worker:
         self.model_id = settings.model_id
         return session_id
 
-    async def load_session(self, session_id: str, timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
-        """Switch the process to a stored session (droid replaces its in-memory history)."""
+    async def load_session(self, session_id: str, timeout: float = REQUEST_TIMEOUT_S,
+                           mcp_servers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Switch the process to a stored session (droid replaces its in-memory history), with
+        these MCP servers (droid swaps a process's servers; an empty list keeps the old ones)."""
         self.used = True  # whatever droid answers: never initialize_session in this process again
-        result = await self.call("droid.load_session", {"sessionId": session_id}, timeout)
+        params: dict[str, Any] = {"sessionId": session_id}
+        if mcp_servers is not None:
+            params["mcpServers"] = mcp_servers
+        result = await self.call("droid.load_session", params, timeout)
+        if mcp_servers is not None:
+            self.mcp_servers = mcp_servers
         self.session_id = session_id
         self.settings = None
         models = result.get("settings", {}).get("modelId") if isinstance(result.get("settings"), dict) else None
@@ -337,12 +355,14 @@ class Worker:
     # --- turns -------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def turn(self, text: str, interrupt_grace_s: float) -> AsyncIterator[TurnStream]:
+    async def turn(self, text: str, interrupt_grace_s: float, park: ParkPolicy | None = None) -> AsyncIterator[TurnStream]:
         """Run one turn; leaving early interrupts it and waits until droid reports it done.
 
         If droid does not stop within the grace, the worker is killed (and then reaped).
+        Permission requests ``park`` accepts come to the turn as ``PermissionAsked`` events and
+        wait for ``answer_permission``; the others are answered by the launch policy.
         """
-        turn = _Turn()
+        turn = _Turn(park)
         self._turn = turn
         self.last_used = time.monotonic()
         try:
@@ -455,7 +475,24 @@ class Worker:
         if isinstance(event, TurnCompleted):
             turn.done.set()
 
+    async def answer_permission(self, request_id: Any, option: str) -> None:
+        """Answer a permission request the turn took (``proceed_once`` or ``cancel``; never the
+        ``proceed_always*`` ones, which write a global file)."""
+        assert option in ("proceed_once", "cancel")
+        log.info("worker.permission_answered", worker=self.id, answer=option)
+        await self._write(encode_response(request_id, {"selectedOption": option}))
+
     async def _answer(self, request: ServerRequest) -> None:
+        turn = self._turn
+        if request.method == "droid.request_permission" and turn is not None and turn.park is not None \
+                and not turn.done.is_set():
+            asked = PermissionAsked(request.id, tool_uses(request.params))
+            if asked.tool_uses and turn.park(asked):
+                try:
+                    await turn.send.send(asked)
+                    return
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    pass  # nobody listens any more: answered by policy below
         if request.method == "droid.request_permission":
             result: dict[str, Any] = {"selectedOption": self.spec.permission_policy}
         elif request.method == "droid.ask_user":

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from droidpool.config import PoolConfig
 from droidpool.droid.worker import SessionSettings, WorkerState
@@ -104,10 +104,22 @@ def auto_max_workers(available_bytes: int, per_worker: int = 300 * MB, low: int 
 
 @dataclass(frozen=True, slots=True)
 class Want:
-    """What a request needs: to continue ``session_id``, or a new session with ``settings``."""
+    """What a request needs: to continue ``session_id``, or a new session with ``settings``;
+    and the MCP servers droid must have for it (``mcp_reset`` replaces a worker's servers when
+    the session has none: droid keeps old servers when given an empty list)."""
 
     settings: SessionSettings
     session_id: str | None = None
+    mcp_servers: tuple[dict[str, Any], ...] = ()
+    mcp_reset: tuple[dict[str, Any], ...] = ()
+
+    def servers_for(self, current: Sequence[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        """What to give ``load_session`` for a worker that has ``current``: None, nothing."""
+        if self.mcp_servers:
+            return list(self.mcp_servers)
+        if current and list(current) != list(self.mcp_reset):
+            return list(self.mcp_reset)
+        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -343,18 +343,21 @@ class Pool:
     async def _prepare(self, worker: Worker, want: Want) -> None:
         try:
             if want.session_id is not None:
-                if worker.session_id != want.session_id:
-                    await worker.load_session(want.session_id, self.policy.spawn_timeout_s)
+                servers = want.servers_for(worker.mcp_servers)
+                stale_servers = bool(want.mcp_servers) and worker.mcp_servers != list(want.mcp_servers)
+                if worker.session_id != want.session_id or stale_servers:
+                    await worker.load_session(want.session_id, self.policy.spawn_timeout_s, servers)
                     self.counters["session_loads"] += 1
                 if want.settings.model_id and worker.model_id != want.settings.model_id:
                     await worker.set_model(want.settings.model_id)
                 if want.settings.reasoning_effort:
                     await worker.set_reasoning_effort(want.settings.reasoning_effort)
             elif self.mode == "minted":
-                await self._start_minted(worker, want.settings)
-            elif worker.settings != want.settings or worker.session_id is None:
+                await self._start_minted(worker, want)
+            elif worker.settings != want.settings or worker.session_id is None or want.mcp_servers:
                 # Safe only because this process has held no conversation (droid leaks old context).
-                await worker.initialize(want.settings, self.policy.spawn_timeout_s)
+                await worker.initialize(want.settings, self.policy.spawn_timeout_s,
+                                        want.servers_for(worker.mcp_servers))
             self._remember_models(worker)
         except DroidRequestError as exc:
             if exc.code == SESSION_NOT_FOUND and want.session_id is not None:
@@ -364,11 +367,13 @@ class Pool:
                 raise MintFailed(str(exc)) from None
             raise errors.UpstreamError(f"droid refused {exc.method}: {exc.droid_message}") from None
 
-    async def _start_minted(self, worker: Worker, settings: SessionSettings) -> None:
+    async def _start_minted(self, worker: Worker, want: Want) -> None:
         """A new conversation in ``worker``: write its session, load it, check what droid holds."""
+        settings = want.settings
         minted = sessions.mint(Path(self.spec.sessions_dir), Path(self.spec.cwd) / "sessions", settings,
                                self.spec.session_title)
-        result = await worker.load_session(minted.session_id, self.policy.spawn_timeout_s)
+        result = await worker.load_session(minted.session_id, self.policy.spawn_timeout_s,
+                                           want.servers_for(worker.mcp_servers))
         problems = sessions.check_loaded(result, minted, settings)
         if problems:
             self._mint_broken("; ".join(problems))

@@ -346,18 +346,18 @@ class SqliteStore:
 
         await self._run(self._transaction, complete)
 
-    async def fail_turn(self, turn: TurnRow) -> None:
+    async def fail_turn(self, turn: TurnRow, *, diverge: bool = True) -> None:
         """A turn that reached droid but did not complete: count its tokens (droid spent them),
-        keep the head, and keep stateless resends off this session from now on."""
+        keep the head, and (``diverge``) keep stateless resends off this session from now on."""
         now = time.time()
 
         def fail(db: sqlite3.Connection) -> None:
             db.execute(
                 f"UPDATE sessions SET updated_at = ?, failed_turns = failed_turns + 1, in_flight = 0, "
-                f"diverged = 1, {_ADD_USAGE} WHERE session_id = ?",
-                (now, *_usage_params(turn.usage), turn.session_id),
+                f"diverged = diverged | ?, {_ADD_USAGE} WHERE session_id = ?",
+                (now, int(diverge), *_usage_params(turn.usage), turn.session_id),
             )
-            self._insert_turn(db, turn, "failed", now)
+            self._insert_turn(db, turn, turn.status if turn.status != "completed" else "failed", now)
 
         await self._run(self._transaction, fail)
 

@@ -14,7 +14,7 @@ from droidpool.api.browser import BrowserPolicy
 from droidpool.api.metrics import Metrics
 from droidpool.config import load
 from droidpool.core.access import Authenticator
-from droidpool.daemon.service import build_pool, build_turns
+from droidpool.daemon.service import build_pool, running_turns
 from droidpool.droid.protocol import Usage
 from droidpool.droid.worker import LaunchSpec, Worker
 from droidpool.pool.pool import Pool
@@ -63,13 +63,14 @@ async def served(
             pool = Pool(pool.spec, base_settings=pool.base_settings, policy=pool.policy, worker_factory=worker_factory)
         async with pool:
             assert await pool.wait_warm(15)
-            app = build_app(build_turns(config, pool, store), pool, store,
-                            max_body_bytes=config.server.max_body_bytes, keepalive_s=config.server.keepalive_s,
-                            body_timeout_s=config.server.body_timeout_s, auth=auth, metrics=Metrics(pool),
-                            default_autonomy=config.droid.autonomy,
-                            browser_policy=BrowserPolicy.of(config.server.host, config.server.allowed_hosts,
-                                                            config.server.cors_origins))
-            async with TestClient(TestServer(app)) as client:
-                yield client, pool
+            async with running_turns(config, pool, store) as turns:
+                app = build_app(turns, pool, store,
+                                max_body_bytes=config.server.max_body_bytes, keepalive_s=config.server.keepalive_s,
+                                body_timeout_s=config.server.body_timeout_s, auth=auth, metrics=Metrics(pool, turns),
+                                default_autonomy=config.droid.autonomy,
+                                browser_policy=BrowserPolicy.of(config.server.host, config.server.allowed_hosts,
+                                                                config.server.cors_origins))
+                async with TestClient(TestServer(app)) as client:
+                    yield client, pool
     finally:
         await store.close()

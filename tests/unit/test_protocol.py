@@ -94,3 +94,23 @@ def test_request_envelope_has_the_fields_droid_requires() -> None:
     request = orjson.loads(encode_request("id-1", "droid.list_models", {}))
     assert request["type"] == "request" and request["factoryApiVersion"] == "1.0.0"
     assert request["jsonrpc"] == "2.0" and request["id"] == "id-1"
+
+
+def test_client_tool_transcripts_give_calls_then_one_permission_request() -> None:
+    from droidpool.droid.protocol import ToolCallSeen, tool_uses
+
+    for name, count in (("single", 1), ("parallel", 2), ("error", 1), ("cancel", 1)):
+        messages = [parse_line(line) for line in
+                    (FIXTURES / f"rpc_client_tools_{name}.stdout.jsonl").read_bytes().splitlines()]
+        seen = [turn_event(m) for m in messages if isinstance(m, Notification)]
+        calls = [e for e in seen if isinstance(e, ToolCallSeen)]
+        # Each call twice: as soon as the name is known (empty input), then whole.
+        assert [c.input == {} for c in calls] == [True] * count + [False] * count
+        assert all(c.name.startswith("droidpool-github___") for c in calls)
+        (asked,) = [m for m in messages if isinstance(m, ServerRequest) and m.method == "droid.request_permission"]
+        uses = tool_uses(asked.params)
+        assert [u.id for u in uses] == [c.id for c in calls[count:]]
+        assert asked.params["toolUses"][0]["confirmationType"] == "mcp_tool"
+        assert asked.params["toolUses"][0]["details"]["serverName"] == "droidpool-github"
+        done = [e for e in seen if isinstance(e, TurnCompleted)]
+        assert [d.reason for d in done] == ["completed"]  # a cancel ends the turn, completed too

@@ -419,7 +419,8 @@ async def test_the_session_list_pages(tmp_path: Path) -> None:
 
 async def test_a_failed_turns_usage_is_counted_without_moving_the_head(tmp_path: Path) -> None:
     from droidpool.core.model import TurnRequest
-    from droidpool.core.turns import Deadlines, Turn, TurnService
+    from droidpool.core.turn import Deadlines, Turn
+    from droidpool.core.turns import Run, TurnService
     from droidpool.droid.protocol import TurnCompleted, Usage
     from droidpool.droid.worker import SessionSettings
 
@@ -440,12 +441,16 @@ async def test_a_failed_turns_usage_is_counted_without_moving_the_head(tmp_path:
     await store.complete_turn(turn_row("s", MODEL, Usage(3, 3, 0, 0, 0)), "head-1")
     service = TurnService(None, store, SessionSettings(), None)  # type: ignore[arg-type]
     request = TurnRequest(MODEL, ())
-    turn = Turn("t", "s", None, False, request, Events(), Deadlines(5, 5, 1))  # type: ignore[arg-type]
+    async def unused(turn: Turn) -> Any:
+        raise AssertionError("a failed turn is neither completed nor parked")
+
+    turn = Turn("t", "s", None, False, request, PUBLIC, "head-1", (), Events(),  # type: ignore[arg-type]
+                Deadlines(5, 5, 1), unused, unused)
     with pytest.raises(Exception) as info:
         async for _ in turn.outputs(1.0):
             pass
     assert getattr(info.value, "status", None) == 429 and turn.result is None
-    await service._settle("t", "s", request, PUBLIC, 0.0, turn.usage)
+    await service._settle_run([Run(turn)], request, PUBLIC, "s")
     record = await store.get("s")
     assert record is not None and record.head_digest == "head-1" and record.failed_turns == 1
     assert record.usage == Usage(10, 4, 0, 0, 2) and record.diverged

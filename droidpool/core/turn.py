@@ -1,0 +1,114 @@
+"""One turn as a request sees it: its outputs under deadlines; it records, parks or settles itself."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from droidpool import errors
+from droidpool.droid.protocol import TextDelta, ThinkingDelta, TurnEvent, Usage
+from droidpool.droid.worker import TurnStream, Worker
+
+from .access import Access
+from .model import Message, Output, TurnRequest, TurnResult
+from .output import Accumulator
+
+
+@dataclass
+class Deadlines:
+    first_token_s: float = 120.0
+    turn_s: float = 900.0
+    interrupt_grace_s: float = 3.0
+
+
+@dataclass
+class Turn:
+    """A running turn. ``outputs()`` streams it under its deadlines. When droid completes it, it
+    is recorded before the last output is handed over and ``result`` is set; when the LLM calls
+    client tools it is recorded as far as the calls, ``result`` says ``tool_calls`` and the
+    droid turn stays open (``parked``) for the request that brings the results. A turn that
+    fails raises its error from ``outputs()``; one left unfinished is settled as failed."""
+
+    turn_id: str
+    session_id: str
+    worker: Worker
+    new_session: bool
+    request: TurnRequest
+    access: Access
+    base: str  # digest of the history before ``sent``
+    sent: tuple[Message, ...]  # the request's messages this turn gives droid
+    _stream: TurnStream = field(repr=False)
+    _deadlines: Deadlines = field(repr=False)
+    _complete: Callable[[Turn], Awaitable[TurnResult]] = field(repr=False)
+    _park: Callable[[Turn], Awaitable[TurnResult]] = field(repr=False)
+    accumulator: Accumulator = field(default_factory=Accumulator)
+    started_at: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    result: TurnResult | None = None
+    head: str | None = None  # the history digest once recorded
+    parked: bool = False
+
+    @property
+    def created(self) -> int:
+        return int(self.started_at)
+
+    @property
+    def usage(self) -> Usage:
+        return self.accumulator.usage
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self.first_token_at - self.started if self.first_token_at is not None else None
+
+    async def outputs(self, tick_s: float) -> AsyncIterator[Output | None]:
+        """What to send, as droid produces it; None after ``tick_s`` of silence (keep-alive)."""
+        async for event in self._events(tick_s):
+            if event is None:
+                yield None
+                continue
+            for output in self.accumulator.feed(event):
+                yield output
+            if self.accumulator.permission is not None:
+                self.result = await self._park(self)  # droid waits for the client's results
+                return
+        failure = self.accumulator.failure()
+        if failure is not None:
+            raise failure
+        self.result = await self._complete(self)
+
+    async def _events(self, tick_s: float) -> AsyncIterator[TurnEvent | None]:
+        while True:
+            now = time.monotonic()
+            deadline = self.started + self._deadlines.turn_s
+            if self.first_token_at is None:
+                deadline = min(deadline, self.started + self._deadlines.first_token_s)
+            wait = min(tick_s, deadline - now)
+            if wait <= 0:
+                which = "first token" if self.first_token_at is None else "turn"
+                limit = self._deadlines.first_token_s if self.first_token_at is None else self._deadlines.turn_s
+                raise errors.DeadlineExceeded(f"droid exceeded the {which} deadline of {limit:g} s")
+            event: TurnEvent | None = None
+            with anyio.move_on_after(wait):
+                try:
+                    event = await self._stream.__anext__()
+                except StopAsyncIteration:
+                    return
+            if event is None:
+                if time.monotonic() >= deadline:
+                    continue
+                yield None
+                continue
+            if self.first_token_at is None and isinstance(event, TextDelta | ThinkingDelta):
+                self.first_token_at = time.monotonic()
+            yield event
+
+    def resumed(self, turn_id: str, request: TurnRequest, access: Access, sent: tuple[Message, ...]) -> Turn:
+        """The same droid turn, carried on by another request (the one with the tool results)."""
+        assert self.head is not None
+        return Turn(turn_id, self.session_id, self.worker, False, request, access, self.head, sent, self._stream,
+                    self._deadlines, self._complete, self._park,
+                    Accumulator(client_name=self.accumulator.client_name))
