@@ -43,7 +43,8 @@ Turn directives (anywhere in the user text; they can be combined):
                        droid.request_permission (confirmationType mcp_tool); on proceed_once the
                        tools are called over MCP (initialize, tools/list, tools/call, with the
                        server's headers) and the answer is "Tool said: " + the results joined by
-                       " | "; on cancel the turn ends (recorded: rpc_client_tools_*.stdout.jsonl)
+                       " | "; on cancel the turn ends; an interrupt while asking resolves the
+                       request as cancelled (recorded: rpc_client_tools_*.stdout.jsonl)
 
 Environment:
     FAKE_DROID_STATE          session store directory (default $HOME/.fake-droid)
@@ -1522,7 +1523,11 @@ class Server:
         self.wait_until(turn, lambda: slot["done"])
         with self.lock:
             self.pending_requests.pop(req_id, None)
-        if turn.cancelled and not slot["done"]:
+        if turn.cancelled and not slot["done"]:  # interrupted while asking: droid resolves it itself
+            N({"type": "permission_resolved", "requestId": req_id, "toolUseIds": [], "selectedOption": "cancel"}, False)
+            for use in uses:
+                N({"type": "tool_result", "toolUseId": use["id"], "messageId": new_id(),
+                   "content": "Error: Tool execution cancelled: Batch cancelled", "isError": True})
             self.finish_cancelled(turn, sess, msg_a, None, "")
             return
         selected = "cancel"

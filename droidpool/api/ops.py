@@ -9,7 +9,7 @@ from aiohttp import web
 from droidpool import errors
 from droidpool.core.catalog import Listed
 
-from .context import METRICS, POOL, json_response
+from .context import METRICS, POOL, TURNS, json_response
 from .metrics import CONTENT_TYPE
 
 
@@ -26,8 +26,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     pool = request.app[POOL]
+    turns = request.app[TURNS]
     body: dict[str, Any] = {"ready": pool.ready, "workers": pool.counts(), "max_workers": pool.max_workers,
-                            "sessions": pool.sessions_status()}
+                            "sessions": pool.sessions_status(),
+                            "client_tools": {"enabled": turns.broker.enabled, "offered": turns.broker.offered,
+                                             "parked": len(turns.parked)}}
     if not pool.ready:
         body["cause"] = pool.last_spawn_error or "shutting down"
     return json_response(body, 200 if pool.ready else 503)

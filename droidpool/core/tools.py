@@ -11,6 +11,7 @@ the clients' own.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ class ToolBroker:
 
     def __init__(self) -> None:
         self.url = ""  # http://127.0.0.1:<port>/mcp once the internal listener runs
+        self.offered: str = "unknown"  # direct | deferred (behind droid's ToolSearch) | unknown
         self._by_token: dict[str, SessionTools] = {}
         self._by_key: dict[str, SessionTools] = {}  # a session id, or a placeholder until one exists
 
@@ -162,6 +164,15 @@ class ToolBroker:
                 listener.send_nowait(data)
             except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass  # a slow or gone listener misses a change; droid re-lists on reconnect
+
+
+def offered_directly(exemptions: Sequence[str] | None, server_name: str = SERVER_NAME) -> bool | None:
+    """Whether droid shows the LLM our server's tools directly (not behind ToolSearch), from the
+    exemption list read from its binary; None if unknown."""
+    if exemptions is None:
+        return None
+    normalized = re.sub(r"[^a-z0-9]", "", server_name.lower())
+    return any(normalized.startswith(name) or name in normalized for name in exemptions)
 
 
 def client_name(entry: SessionTools | None, llm_name: str) -> str | None:

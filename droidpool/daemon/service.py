@@ -22,9 +22,9 @@ from droidpool.config import Config, ConfigError
 from droidpool.core.access import Authenticator, load_keys
 from droidpool.core.catalog import Catalog
 from droidpool.core.turn import Deadlines
-from droidpool.core.tools import ToolBroker
+from droidpool.core.tools import ToolBroker, offered_directly
 from droidpool.core.turns import ToolLimits, TurnService
-from droidpool.droid.launch import StartupError, base_settings, byok_names, launch_spec
+from droidpool.droid.launch import StartupError, base_settings, byok_names, deferral_exemptions, launch_spec
 from droidpool.droid.sessions import apply_prune, droid_sessions_dir, plan_prune
 from droidpool.droid.worker import LaunchSpec
 from droidpool.pool import procfs
@@ -98,6 +98,14 @@ async def running_turns(config: Config, pool: Pool, store: SessionStore) -> Asyn
     async with AsyncExitStack() as stack:
         if config.tools.enabled:
             await stack.enter_async_context(tool_endpoint(broker))
+            exemptions = await anyio.to_thread.run_sync(deferral_exemptions, pool.spec.argv[0])
+            direct = offered_directly(exemptions)
+            broker.offered = {True: "direct", False: "deferred", None: "unknown"}[direct]
+            if direct is not True:
+                log.warning("droidpool.client_tools_deferred" if direct is False else "droidpool.client_tools_mode_unknown",
+                            detail="droid may hide client tools behind ToolSearch (an extra LLM round trip); "
+                                   "droidpool_tool_events_total{event=\"tools_deferred\"} counts the turns it happens in",
+                            exemptions=exemptions)
         turns = build_turns(config, pool, store, broker)
         async with turns.running():
             yield turns

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -86,6 +88,27 @@ def credential_path(name: str, environ: Mapping[str, str] | None = None) -> Path
         return None
     path = Path(directory) / name
     return path if path.is_file() else None
+
+
+# droid 0.225.2 defers MCP tools behind ToolSearch unless the server's name, lower-cased and
+# stripped to letters and digits, contains one of a list compiled into the binary:
+#   var wo=["github","agentbrowser"];function bo(e){return e.toLowerCase().replace(/[^a-z0-9]/g,"")}
+_EXEMPTIONS = re.compile(
+    rb'=\[((?:"[a-z0-9]+",?)+)\];function \w+\(e\)\{return e\.toLowerCase\(\)\.replace\(/\[\^a-z0-9\]/g,""\)\}')
+
+
+def deferral_exemptions(binary: str) -> tuple[str, ...] | None:
+    """The MCP server names droid offers tools of directly (read from its binary, ~0.2 s), or
+    None when the list is not found (another build, or a wrapper script)."""
+    try:
+        with open(binary, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            match = _EXEMPTIONS.search(data)
+            names = bytes(match.group(1)) if match is not None else None
+    except (OSError, ValueError):
+        return None
+    if names is None:
+        return None
+    return tuple(name.strip(b'"').decode() for name in names.split(b","))
 
 
 def launch_spec(config: Config) -> LaunchSpec:

@@ -68,7 +68,9 @@ def llm_requests(fake_llm: FakeLLMProcess, marker: str) -> list[dict[str, Any]]:
     return [r for r in fake_llm.requests() if marker in json.dumps(r.get("messages"))]
 
 
-def test_chat_tool_round_trip(oai: openai.OpenAI, fake_llm: FakeLLMProcess) -> None:
+def test_chat_tool_round_trip(oai: openai.OpenAI, daemon: Daemon, fake_llm: FakeLLMProcess) -> None:
+    # droid 0.225.2's binary exempts our MCP server from ToolSearch: the tools are offered directly.
+    assert daemon.get("/readyz")[1]["client_tools"] == {"enabled": True, "offered": "direct", "parked": 0}
     marker = tag()
     messages: list[Any] = [{"role": "user", "content": f"Weather? {marker} [[call:get_weather:{{\"city\": \"Paris\"}}]]"}]
     first = oai.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER])
@@ -167,36 +169,48 @@ def test_tool_choice_none_offers_no_tools(oai: openai.OpenAI, fake_llm: FakeLLMP
         oai.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], tool_choice="required")
 
 
-def test_anthropic_tool_use_stream_and_body(daemon: Daemon, fake_llm: FakeLLMProcess) -> None:
+def test_anthropic_parallel_tool_use_error_result_and_two_rounds(daemon: Daemon, fake_llm: FakeLLMProcess) -> None:
     tools: Any = [{"name": "get_weather", "description": "The weather in a city.",
-                   "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+                   "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}},
+                  {"name": "get_time", "description": "The time in a city.", "input_schema": {"type": "object"}}]
     marker = tag()
     with anthropic.Anthropic(base_url=daemon.base_url, api_key="unused", max_retries=0, timeout=60) as claude:
-        messages: list[Any] = [{"role": "user", "content": f"W {marker} [[call:get_weather:{{\"city\": \"Lima\"}}]]"}]
+        ask = f"W {marker} [[call:get_weather:{{\"city\": \"Lima\"}}]] [[call:get_time:{{\"city\": \"Lima\"}}]]"
+        messages: list[Any] = [{"role": "user", "content": ask}]
         with claude.messages.stream(model=MODEL, max_tokens=1024, messages=messages, tools=tools) as stream:
             first = stream.get_final_message()
         assert first.stop_reason == "tool_use"
-        (use,) = [b for b in first.content if b.type == "tool_use"]
-        assert use.name == "get_weather" and use.input == {"city": "Lima"}
+        uses = {b.name: b for b in first.content if b.type == "tool_use"}
+        assert sorted(uses) == ["get_time", "get_weather"] and uses["get_weather"].input == {"city": "Lima"}
         messages += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
-                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
-                                                   "content": [{"type": "text", "text": f"Fog {marker}"}]}]}]
+                     {"role": "user", "content": [
+                         {"type": "tool_result", "tool_use_id": uses["get_weather"].id,
+                          "content": [{"type": "text", "text": f"Fog {marker}"}]},
+                         {"type": "tool_result", "tool_use_id": uses["get_time"].id, "content": "clock offline",
+                          "is_error": True}]}]
         second = claude.messages.create(model=MODEL, max_tokens=1024, messages=messages, tools=tools)
         assert second.stop_reason == "end_turn"
-        assert "".join(b.text for b in second.content if b.type == "text") == f"Tool said: Fog {marker}"
-        # A second round on the same session, then a plain answer.
+        text = "".join(b.text for b in second.content if b.type == "text")
+        assert f"Fog {marker}" in text
+        # The error result reached the LLM as an error (droid's words for a failed MCP call).
+        upstream = llm_requests(fake_llm, marker)[-1]["messages"]
+        errors = [m["content"] for m in upstream if m["role"] == "tool" and "clock offline" in json.dumps(m["content"])]
+        assert errors and "returned an error" in json.dumps(errors[0])
+        # A second round in the same conversation, by stateless resend.
         messages += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in second.content]},
                      {"role": "user", "content": f"Again {marker}x [[call:get_weather:{{\"city\": \"Quito\"}}]]"}]
-        third = claude.messages.create(model=MODEL, max_tokens=1024, messages=messages, tools=tools)
-        (use,) = [b for b in third.content if b.type == "tool_use"]
+        third = claude.messages.with_raw_response.create(model=MODEL, max_tokens=1024, messages=messages, tools=tools)
+        message = third.parse()
+        (use,) = [b for b in message.content if b.type == "tool_use"]
         assert use.input == {"city": "Quito"}
-        messages += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in third.content]},
-                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "Rain",
-                                                   "is_error": False}]}]
-        fourth = claude.messages.create(model=MODEL, max_tokens=1024, messages=messages, tools=tools)
-        assert "".join(b.text for b in fourth.content if b.type == "text") == "Tool said: Rain"
-        ids = {r.id for r in (first, second, third, fourth)}
-        assert len(ids) == 4
+        messages += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in message.content]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "Rain"}]}]
+        fourth = claude.messages.with_raw_response.create(model=MODEL, max_tokens=1024, messages=messages, tools=tools)
+        assert fourth.headers["x-session-id"] == third.headers["x-session-id"]
+        assert "".join(b.text for b in fourth.parse().content if b.type == "text") == "Tool said: Rain"
+        # Upstream: genuine call/result pairs for both rounds, not a transcript.
+        upstream = llm_requests(fake_llm, marker)[-1]["messages"]
+        assert [m["role"] for m in upstream].count("tool") == 3
 
 
 def test_responses_function_calls_stream_and_previous_response_id(oai: openai.OpenAI) -> None:
@@ -215,6 +229,15 @@ def test_responses_function_calls_stream_and_previous_response_id(oai: openai.Op
     second = oai.responses.create(model=MODEL, tools=tools, previous_response_id=first.id,
                                   input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Hail"}])
     assert second.output_text == "Tool said: Hail"
+    # Two calls at once.
+    both = oai.responses.create(model=MODEL, tools=tools, input=(
+        f"W {marker}p [[call:get_weather:{{\"city\": \"Ufa\"}}]] [[call:get_weather:{{\"city\": \"Omsk\"}}]]"))
+    calls = [i for i in both.output if i.type == "function_call"]
+    assert sorted(json.loads(c.arguments)["city"] for c in calls) == ["Omsk", "Ufa"]
+    done = oai.responses.create(model=MODEL, tools=tools, previous_response_id=both.id, input=[
+        {"type": "function_call_output", "call_id": c.call_id, "output": json.loads(c.arguments)["city"] + " mild"}
+        for c in calls])
+    assert sorted(done.output_text.removeprefix("Tool said: ").split(" | ")) == ["Omsk mild", "Ufa mild"]
     # Codex style: store false, the whole history resent with the call and its output.
     marker = tag()
     history: list[Any] = [{"type": "message", "role": "user",
@@ -254,5 +277,37 @@ def test_results_after_the_park_expired_go_to_droid_as_a_message(
             assert metric(daemon, "droidpool_tool_events_total", 'event="park_expired"') == 1
             assert metric(daemon, "droidpool_tool_events_total", 'event="tool_results_fallback"') == 1
             assert metric(daemon, "droidpool_parked_turns") == 0
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+def test_results_sent_after_a_daemon_restart_continue_the_session(
+    tmp_path_factory: pytest.TempPathFactory, real_droid: str, fake_llm: FakeLLMProcess
+) -> None:
+    tmp = tmp_path_factory.mktemp("tools-restart")
+    home = write_droid_home(tmp / "home", fake_llm.url)
+    sections: dict[str, Any] = {"droid": {"binary": real_droid, "home": str(home), "airgap": True},
+                                "pool": {"max_workers": 2, "models": [{"id": MODEL}], "idle_min": 1}}
+    marker = tag()
+    messages: list[Any] = [{"role": "user", "content": f"W {marker} [[call:get_weather:{{\"city\": \"Nice\"}}]]"}]
+    daemon = start_daemon(tmp, sections, ready_timeout=60)
+    try:
+        with openai.OpenAI(base_url=daemon.base_url + "/v1", api_key="unused", max_retries=0, timeout=60) as oai:
+            raw = oai.chat.completions.with_raw_response.create(model=MODEL, messages=messages, tools=[WEATHER])
+            first = raw.parse()
+    finally:
+        assert daemon.stop() == 0, daemon.log()  # the parked turn does not hold up the shutdown
+    call = (first.choices[0].message.tool_calls or [])[0]
+    messages += [first.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": f"Mild {marker}"}]
+    daemon = start_daemon(tmp, sections, ready_timeout=60)
+    try:
+        with openai.OpenAI(base_url=daemon.base_url + "/v1", api_key="unused", max_retries=0, timeout=60) as oai:
+            after = oai.chat.completions.with_raw_response.create(model=MODEL, messages=messages, tools=[WEATHER])
+            assert after.headers["x-session-id"] == raw.headers["x-session-id"]
+            assert after.parse().choices[0].finish_reason == "stop"
+        last = llm_requests(fake_llm, marker)[-1]["messages"][-1]
+        assert last["role"] == "user" and f"Mild {marker}" in json.dumps(last["content"])
+        assert "turn.tool_results_fallback" in daemon.log()
     finally:
         assert daemon.stop() == 0, daemon.log()

@@ -114,3 +114,8 @@ def test_client_tool_transcripts_give_calls_then_one_permission_request() -> Non
         assert asked.params["toolUses"][0]["details"]["serverName"] == "droidpool-github"
         done = [e for e in seen if isinstance(e, TurnCompleted)]
         assert [d.reason for d in done] == ["completed"]  # a cancel ends the turn, completed too
+    # A park that expires is interrupted: droid resolves its own request (cancel) and the turn ends.
+    messages = [parse_line(line) for line in
+                (FIXTURES / "rpc_client_tools_interrupted.stdout.jsonl").read_bytes().splitlines()]
+    done = [e for e in (turn_event(m) for m in messages if isinstance(m, Notification)) if isinstance(e, TurnCompleted)]
+    assert [d.reason for d in done] == ["cancelled"]

@@ -269,3 +269,19 @@ async def test_the_mcp_endpoint_answers_only_a_sessions_token() -> None:
         assert bad.status == 400 and (await bad.json())["error"]["code"] == -32700
         broker.forget("s1")
         assert (await call(entry.token, {"jsonrpc": "2.0", "id": 1, "method": "ping"})).status == 401
+
+
+def test_droids_binary_says_which_mcp_servers_skip_toolsearch(tmp_path: Path) -> None:
+    from droidpool.core.tools import SERVER_NAME, offered_directly
+    from droidpool.droid.launch import deferral_exemptions
+
+    build = tmp_path / "droid"
+    build.write_bytes(b"\x7fELF..." + b'var wo=["github","agentbrowser"];function bo(e){return e.toLowerCase()'
+                      b'.replace(/[^a-z0-9]/g,"")}function Ro(e){}' + b"\0" * 100)
+    assert deferral_exemptions(str(build)) == ("github", "agentbrowser")
+    assert offered_directly(("github", "agentbrowser")) is True and "github" in SERVER_NAME
+    assert offered_directly(("github",), "droidpool") is False
+    assert offered_directly(None) is None
+    (tmp_path / "script").write_text("#!/bin/sh\nexec node droid.js \"$@\"\n")
+    assert deferral_exemptions(str(tmp_path / "script")) is None
+    assert deferral_exemptions(str(tmp_path / "missing")) is None
