@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 
 DROID_VERSION=0.225.2
 DROID_PREFIX="${DROID_PREFIX:-$PWD/.cache/droid}"
+# The agent CLIs the tool tests drive as clients (tests/e2e/test_agents_real_droid.py).
+CLAUDE_CODE_VERSION=2.1.328
+CODEX_VERSION=0.169.0
+AGENTS_PREFIX="${AGENTS_PREFIX:-$PWD/.cache/agents}"
 
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
 
@@ -38,6 +42,18 @@ if [ -z "${DROIDPOOL_TEST_DROID:-}" ]; then
   fi
 fi
 export DROIDPOOL_TEST_DROID
+
+if [ -z "${DROIDPOOL_TEST_CLAUDE:-}" ] || [ -z "${DROIDPOOL_TEST_CODEX:-}" ]; then
+  if { [ ! -x "$AGENTS_PREFIX/node_modules/.bin/claude" ] || [ ! -x "$AGENTS_PREFIX/node_modules/.bin/codex" ]; } \
+      && command -v npm >/dev/null 2>&1; then
+    npm install --prefix "$AGENTS_PREFIX" --no-save --no-audit --no-fund --loglevel=error \
+      "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION" "@openai/codex@$CODEX_VERSION" \
+      || echo "could not install Claude Code and Codex: their tests are skipped (and fail under CI=true)" >&2
+  fi
+  DROIDPOOL_TEST_CLAUDE="${DROIDPOOL_TEST_CLAUDE:-$AGENTS_PREFIX/node_modules/.bin/claude}"
+  DROIDPOOL_TEST_CODEX="${DROIDPOOL_TEST_CODEX:-$AGENTS_PREFIX/node_modules/.bin/codex}"
+fi
+export DROIDPOOL_TEST_CLAUDE DROIDPOOL_TEST_CODEX
 
 status=0
 python3 -m pytest "$@" || status=$?
