@@ -311,3 +311,19 @@ def test_results_sent_after_a_daemon_restart_continue_the_session(
         assert "turn.tool_results_fallback" in daemon.log()
     finally:
         assert daemon.stop() == 0, daemon.log()
+
+
+def test_the_tool_loop_example_works_as_documented(daemon: Daemon, tmp_path: Any) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "notes.txt").write_text("one two three four\n")
+    script = Path(__file__).parents[2] / "examples" / "tool_loop.py"
+    prompt = 'How long is notes.txt? [[call:word_count:{"path": "notes.txt"}]]'
+    result = subprocess.run([sys.executable, str(script), "--model", MODEL, prompt], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "DROIDPOOL_URL": daemon.base_url},
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "Tool said: 4", (result.stdout, result.stderr)
+    assert '[word_count({"path":"notes.txt"}) -> 4]' in result.stderr
