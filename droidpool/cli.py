@@ -129,14 +129,19 @@ def render_default_config() -> str:
 def models(config_path: Path | None) -> None:
     """List the models droid offers (droid.list_models from a fresh worker)."""
     config = _load(config_path, {})
-    logs.configure("warning")
-    try:
-        found = anyio.run(_list_models, config)
-    except Exception as exc:  # noqa: BLE001 - reported to the operator, not raised
-        raise click.ClickException(str(exc)) from None
+    found = _droid_models(config)
     for model in found:
         efforts = ",".join(model.get("supportedReasoningEfforts") or [])
         click.echo(f"{model.get('id')}\t{model.get('displayName', '')}\treasoning: {efforts or '-'}")
+
+
+def _droid_models(config: Config) -> list[dict[str, Any]]:
+    """droid's model list, from a fresh worker started for it."""
+    logs.configure("warning")
+    try:
+        return anyio.run(_list_models, config)
+    except Exception as exc:  # noqa: BLE001 - reported to the operator, not raised
+        raise click.ClickException(str(exc)) from None
 
 
 async def _list_models(config: Config) -> list[dict[str, Any]]:
@@ -184,10 +189,14 @@ def sessions() -> None:
     """Inspect and clean up the session store and droid's session files."""
 
 
-async def _with_store(config: Config, action: Callable[[SqliteStore], Awaitable[T]]) -> T:
-    if not config.store_path.is_file():
-        raise click.ClickException(f"no session store at {config.store_path}")
-    store = SqliteStore(config.store_path, config.store.session_ttl_s)
+async def _with_store(config: Config, action: Callable[[SqliteStore], Awaitable[T]], missing_ok: bool = False) -> T:
+    """Run ``action`` on the store; ``missing_ok``: on an empty one (in memory) if there is none yet."""
+    path = config.store_path
+    if not path.is_file():
+        if not missing_ok:
+            raise click.ClickException(f"no session store at {path}")
+        path = Path(":memory:")
+    store = SqliteStore(path, config.store.session_ttl_s)
     await store.open()
     try:
         return await action(store)
@@ -286,3 +295,120 @@ def sessions_prune_files(config_path: Path | None, apply: bool, min_age_s: float
     click.echo(f"{len(plan.sessions)} session(s), {freed} bytes and {len(plan.workdirs)} working directories "
                f"{'deleted' if apply else 'to delete (dry run: --apply)'}; {plan.kept} kept; in {sessions_dir}",
                err=True)
+
+
+# --- the usage ledger ---------------------------------------------------------------------------
+
+
+def _ledger(config: Config, store: SqliteStore, models: list[dict[str, Any]] | None = None) -> Any:
+    from droidpool.core.catalog import Catalog
+    from droidpool.core.ledger import Ledger
+    from droidpool.daemon.service import pricing
+
+    catalog = Catalog(lambda: models or [], configured=[m.id for m in config.pool.models])
+    return Ledger(store, catalog, pricing(config), config.budgets.limits, config.budgets.warn_at)
+
+
+def _time(text: str | None, default: float) -> float:
+    from droidpool.core.ledger import parse_time
+
+    if not text:
+        return default
+    try:
+        return parse_time(text, time.time())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command()
+@config_option
+@click.option("--since", help="Start: an ISO date or time (UTC), epoch seconds, or a span back (7d). Default 30d.")
+@click.option("--until", help="End (exclusive), same forms; default now.")
+@click.option("--by", "by", default="", help="Group by key, model, session, day, dialect or status (comma-separated).")
+@click.option("--key", help="Only this API key's turns.")
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON (as GET /v1/usage returns it).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw daily standard tokens per model against the budgets (PNG; needs droidpool[plot]).")
+def usage(config_path: Path | None, since: str | None, until: str | None, by: str, key: str | None,
+          as_json: bool, plot_path: Path | None) -> None:
+    """The usage ledger: tokens and standard tokens per group, totals, and each budget's use."""
+    import orjson
+
+    from droidpool.api.usage import dimensions
+    from droidpool.daemon import reports
+    from droidpool.errors import DroidpoolError
+
+    config = _load(config_path, {})
+    try:
+        dims = dimensions(by)
+    except DroidpoolError as exc:
+        raise click.BadParameter(exc.message, param_hint="--by") from None
+    start, end = _time(since, time.time() - 30 * 86400), _time(until, float("inf"))
+
+    async def run(store: SqliteStore) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        ledger = _ledger(config, store)
+        report = await ledger.report(start, end, key, dims)
+        daily = await ledger.report(start, end, key, ("day", "model")) if plot_path is not None else None
+        return report, daily
+
+    report, daily = anyio.run(_with_store, config, run)
+    click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if as_json else reports.usage_text(report))
+    if plot_path is not None and daily is not None:
+        try:
+            reports.plot(daily["groups"], config.budgets.limits, plot_path, reports.plot_title(daily))
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"wrote {plot_path}", err=as_json)
+
+
+@main.command()
+@config_option
+@click.option("--check", is_flag=True, help="Only the models droid offers with no price; exit 1 if there are any.")
+@click.option("--json", "as_json", is_flag=True, help="As JSON.")
+def prices(config_path: Path | None, check: bool, as_json: bool) -> None:
+    """Each model's price multiplier and its source: pricing.multipliers, droid's live list, BYOK (free)."""
+    import orjson
+
+    from droidpool.daemon import reports
+
+    config = _load(config_path, {})
+    found = _droid_models(config)
+    table = _ledger(config, None, found).prices()  # type: ignore[arg-type]
+    if check:
+        table = [p for p in table if not p.priced]
+    if as_json:
+        click.echo(orjson.dumps([{"model": p.model, **p.to_json()} for p in table], option=orjson.OPT_INDENT_2).decode())
+    elif check and not table:
+        click.echo("every model droid offers has a price")
+    else:
+        click.echo(reports.prices_text(table, config.pricing.cached_factor))
+    if check and table:
+        sys.exit(1)
+
+
+@main.command()
+@config_option
+@click.argument("model")
+@click.argument("tokens", type=click.FloatRange(min=0))
+@click.option("--key", help="Against this API key's budgets (default: the service's and every named key's).")
+@click.option("--json", "as_json", is_flag=True, help="As JSON (as POST /v1/usage/estimate returns it).")
+def estimate(config_path: Path | None, model: str, tokens: float, key: str | None, as_json: bool) -> None:
+    """The standard tokens TOKENS weighted tokens on MODEL cost, and their share of each budget left."""
+    import orjson
+
+    from droidpool.daemon import reports
+    from droidpool.errors import DroidpoolError
+
+    config = _load(config_path, {})
+    found = _droid_models(config)
+
+    async def run(store: SqliteStore) -> dict[str, Any]:
+        ledger = _ledger(config, store, found)
+        model_id = ledger.catalog.resolve(model)
+        return dict(await ledger.estimate(model_id, tokens, key))
+
+    try:
+        result = anyio.run(_with_store, config, run, True)
+    except DroidpoolError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() if as_json else reports.estimate_text(result))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 import types
 import typing
@@ -17,6 +18,10 @@ ENV_PREFIX = "DROIDPOOL_"
 
 PERMISSION_OPTIONS = ("cancel", "proceed_once", "proceed_always")
 AUTONOMY_LEVELS = ("off", "low", "medium", "high")
+# A budget's window: rolling hours or days ("5h", "7d", "30d"), or a calendar month starting on
+# a day of the month ("monthly", "monthly:15"), in UTC.
+WINDOW_PATTERN = r"(?P<span>\d+(?:\.\d+)?)(?P<unit>[hd])|monthly(?::(?P<day>\d{1,2}))?"
+BUDGET_UNITS = ("standard_tokens", "factory_credits")
 REASONING_EFFORTS = ("none", "dynamic", "off", "minimal", "low", "medium", "high", "xhigh", "max")
 
 # Every tool id droid 0.225.2 reports from droid.list_tools (tool ids, not LLM names).
@@ -245,6 +250,55 @@ class ToolsConfig:
 
 
 @dataclass(frozen=True)
+class PricingConfig:
+    multipliers: Mapping[str, float] = field(
+        default_factory=dict,
+        metadata={"doc": "Price multipliers by model id or glob, over droid's live tokenMultiplier: "
+                         "{\"claude-opus-5\" = 2.0, \"custom:*\" = 1.0}; exact ids first, then globs in order. "
+                         "BYOK models (custom:...) without one are free (0)."},
+    )
+    cached_factor: float = field(
+        default=0.1,
+        metadata={"doc": "Weight of a cache-read input token in standard tokens (Factory's terms counted "
+                         "cached input at 1/10, as droid's own credit estimate does)."},
+    )
+    usd_per_million: Mapping[str, float] = field(
+        default_factory=dict,
+        metadata={"doc": "USD per million weighted tokens by model id or glob, for models you pay for "
+                         "yourself (BYOK): {\"custom:*\" = 3.0}; fills the ledger's usd column."},
+    )
+    allow_unpriced: bool = field(
+        default=False,
+        metadata={"doc": "Let every key use Factory models without a known multiplier (they count 0 standard "
+                         "tokens); false = 403 model_unpriced unless the key has allow_unpriced."},
+    )
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A limit of standard tokens (or factory credits) over a window, for the service or a key."""
+
+    window: str  # WINDOW_PATTERN
+    limit: float
+    key: str = ""  # "" = the whole service; "*" = each key on its own; else that key's name
+    unit: str = "standard_tokens"
+
+
+@dataclass(frozen=True)
+class BudgetsConfig:
+    limits: tuple[Budget, ...] = field(
+        default=(),
+        metadata={"doc": "Budgets: [{window = \"5h\", limit = 2e6, key = \"team-a\", unit = \"standard_tokens\"}]; "
+                         "window is \"<n>h\", \"<n>d\" (rolling) or \"monthly[:<start day>]\" (UTC); key \"\" = the "
+                         "whole service, \"*\" = each key; a request over one gets 429 insufficient_quota."},
+    )
+    warn_at: tuple[float, ...] = field(
+        default=(0.8, 0.95),
+        metadata={"doc": "Fractions of a budget at which a warning goes to the log and the metrics."},
+    )
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     path: str = field(
         default="", metadata={"doc": "SQLite session store; empty = <state_dir>/sessions.db."}
@@ -270,6 +324,8 @@ class ApiKey:
     autonomy: str = "off"  # the most droid autonomy this key's sessions get
     tools: tuple[str, ...] = ()  # droid tool ids this key's sessions may use
     max_concurrent: int = 0  # requests at once; 0 = no limit of its own
+    allow_unpriced: bool = False  # may use Factory models without a known multiplier
+    admin: bool = False  # sees every key's usage (GET /v1/usage)
 
 
 @dataclass(frozen=True)
@@ -277,7 +333,8 @@ class AuthConfig:
     keys: tuple[ApiKey, ...] = field(
         default=(),
         metadata={"doc": "API keys: [{name = \"team-a\", sha256 = \"<droidpool hash-key>\", "
-                         "models = [], autonomy = \"off\", tools = [], max_concurrent = 0}]; "
+                         "models = [], autonomy = \"off\", tools = [], max_concurrent = 0, allow_unpriced = false, "
+                         "admin = false}]; "
                          "none (and no keys_file, no DROIDPOOL_API_KEY) = no authentication."},
     )
     keys_file: str = field(
@@ -294,6 +351,8 @@ class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
+    budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
@@ -421,11 +480,17 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             raise fail("a list")
         return tuple(_coerce(v, item_hint, f"{key}[{i}]", source) for i, v in enumerate(value))
     if origin in (Mapping, dict) or hint is Mapping:
-        if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-        ):
-            raise fail("a table of strings")
-        return types.MappingProxyType(dict(value))
+        args = typing.get_args(hint)
+        value_hint = args[1] if len(args) == 2 else str
+        if value_hint is str:
+            if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+            ):
+                raise fail("a table of strings")
+            return types.MappingProxyType(dict(value))
+        if not isinstance(value, dict):
+            raise fail("a table")
+        return types.MappingProxyType({k: _coerce(v, value_hint, f"{key}.{k}", source) for k, v in value.items()})
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
         if not isinstance(value, dict):
             raise fail("a table")
@@ -433,9 +498,10 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         unknown = set(value) - set(fields)
         if unknown:
             raise ConfigError(f"{source}: unknown key {key}.{sorted(unknown)[0]}")
-        for required in ("id", "name"):
-            if required in fields and required not in value:
-                raise ConfigError(f"{source}: {key} needs an entry {required!r}")
+        for f in dataclasses.fields(hint):
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required and f.name not in value:
+                raise ConfigError(f"{source}: {key} needs an entry {f.name!r}")
         return hint(**{k: _coerce(v, fields[k], f"{key}.{k}", source) for k, v in value.items()})
     raise fail(str(hint))  # pragma: no cover - every field type is handled above
 
@@ -488,6 +554,22 @@ def _check(config: Config, sources: dict[str, dict[str, str]], environ: Mapping[
     require(config.tools.max_parked >= 0, "tools", "max_parked", "0 or more")
     require(config.tools.max_parked_per_key >= 0, "tools", "max_parked_per_key", "0 or more")
     require(config.store.session_ttl_s > 0, "store", "session_ttl_s", "positive")
+    pr = config.pricing
+    require(all(m >= 0 for m in pr.multipliers.values()), "pricing", "multipliers", "0 or more each")
+    require(0 <= pr.cached_factor <= 1, "pricing", "cached_factor", "between 0 and 1")
+    require(all(m >= 0 for m in pr.usd_per_million.values()), "pricing", "usd_per_million", "0 or more each")
+    require(all(0 < w <= 1 for w in config.budgets.warn_at), "budgets", "warn_at", "fractions above 0, at most 1")
+    for index, budget in enumerate(config.budgets.limits):
+        where = f"{source('budgets', 'limits')}: budgets.limits[{index}]"
+        match = re.fullmatch(WINDOW_PATTERN, budget.window)
+        if match is None or (match["span"] is not None and float(match["span"]) <= 0):
+            raise ConfigError(f"{where}.window must be \"<n>h\", \"<n>d\" or \"monthly[:<day>]\", got {budget.window!r}")
+        if match["day"] is not None and not 1 <= int(match["day"]) <= 31:
+            raise ConfigError(f"{where}.window's start day must be 1 to 31, got {budget.window!r}")
+        if budget.limit < 0:
+            raise ConfigError(f"{where}.limit must be 0 or more")
+        if budget.unit not in BUDGET_UNITS:
+            raise ConfigError(f"{where}.unit must be one of {', '.join(BUDGET_UNITS)}")
     a = config.auth
     for index, entry in enumerate(a.keys):
         where = f"auth.keys[{index}]"

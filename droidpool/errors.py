@@ -19,6 +19,7 @@ ErrorKind = Literal[
     "too_large",
     "unsupported_media_type",
     "rate_limit",
+    "quota",
     "upstream",
     "unavailable",
     "timeout",
@@ -145,6 +146,14 @@ class Overloaded(DroidpoolError):
     status = 429
     kind = "rate_limit"
     code = "pool_exhausted"
+
+
+class QuotaExceeded(DroidpoolError):
+    """A budget of the key (or of the whole service) is used up; Retry-After says when it frees."""
+
+    status = 429
+    kind = "quota"
+    code = "insufficient_quota"
 
 
 class UpstreamError(DroidpoolError):

@@ -37,7 +37,9 @@ Turn directives (anywhere in the user text; they can be combined):
     [[permission]]     server->client droid.request_permission (real shape); the answer text
                        contains [permission=<selectedOption>]
     [[permission:strict]]  same, but "cancel" ends the turn like the real CLI (no second message)
-    [[usage:IN,OUT]]   tokenUsage inputTokens/outputTokens of the turn
+    [[usage:IN,OUT]]   tokenUsage inputTokens/outputTokens of the turn (a failed turn reports it too)
+    [[usage:IN,OUT,CACHE_READ,CACHE_CREATION,CREDITS]]  ... and cacheReadTokens,
+                       cacheCreationTokens, factoryCredits (a number)
     [[call:NAME:{json}]]  the LLM calls MCP tool NAME of the session's mcpServers (several: one
                        permission request for all, as droid 0.225.2 does): tool_call notifications,
                        droid.request_permission (confirmationType mcp_tool); on proceed_once the
@@ -56,7 +58,10 @@ Environment:
                               =inherit keeps our stdout/stderr); pid written to
                               FAKE_DROID_CHILD_PIDFILE if that is set
     FAKE_DROID_LOG            append one line per received request method to this file
-    FAKE_DROID_MODELS         extra model ids (comma-separated) for list_models/availableModels
+    FAKE_DROID_MODELS         extra model ids (comma-separated) for list_models/availableModels;
+                              an id without "custom:" is a Factory model (isCustom false)
+    FAKE_DROID_MULTIPLIERS    tokenMultiplier of Factory models: "claude-opus-5=2,other=0.4"
+                              (a Factory model not named here has none, like droid's BYOK entry)
     FAKE_DROID_MINT           ""  (default) load_session also loads a session written in droid's own
                               layout under $HOME/.factory/sessions (see Server.load_minted); "ignore":
                               not found; "stale": loaded, but the old conversation stays in memory
@@ -133,19 +138,21 @@ def dumps(obj: object) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-def usage(inp: int = 0, out: int = 0) -> dict:
+def usage(inp: int = 0, out: int = 0, cache_read: int = 0, cache_creation: int = 0, credits: float = 0) -> dict:
     return {
         "inputTokens": inp,
         "outputTokens": out,
-        "cacheCreationTokens": 0,
-        "cacheReadTokens": 0,
+        "cacheCreationTokens": cache_creation,
+        "cacheReadTokens": cache_read,
         "thinkingTokens": 0,
-        "factoryCredits": 0,
+        "factoryCredits": credits,
     }
 
 
 def add_usage(a: dict, b: dict) -> dict:
-    return {k: int(a.get(k, 0)) + int(b.get(k, 0)) for k in usage()}
+    out = {k: int(a.get(k, 0)) + int(b.get(k, 0)) for k in usage()}
+    out["factoryCredits"] = (a.get("factoryCredits") or 0) + (b.get("factoryCredits") or 0)
+    return out
 
 
 def zod_type(value: object) -> str:
@@ -165,7 +172,7 @@ def zod_type(value: object) -> str:
 def model_entry(model_id: str) -> dict:
     name = model_id.split(":", 1)[-1]
     display = " ".join(p[:1].upper() + p[1:] for p in re.split(r"[-_\s]+", name) if p) or model_id
-    return {
+    entry = {
         "id": model_id,
         "displayName": display,
         "shortDisplayName": display,
@@ -175,6 +182,12 @@ def model_entry(model_id: str) -> dict:
         "isCustom": True,
         "noImageSupport": True,
     }
+    if not model_id.startswith("custom:"):  # a Factory model, as droid lists them
+        entry.update(modelId=model_id, modelProvider="anthropic", isCustom=False, disabled=False)
+        multipliers = dict(p.split("=", 1) for p in os.environ.get("FAKE_DROID_MULTIPLIERS", "").split(",") if "=" in p)
+        if multipliers.get(model_id):
+            entry["tokenMultiplier"] = float(multipliers[model_id])
+    return entry
 
 
 def model_ids() -> list[str]:
@@ -402,7 +415,7 @@ class Turn:
         self.wake = threading.Event()
         self.cancelled = False
         self.started = time.monotonic()
-        self.usage_override: tuple[int, int] | None = None
+        self.usage_override: tuple[float, ...] | None = None
         self.user_id = ""
 
 
@@ -1006,8 +1019,8 @@ class Server:
 
         if "usage" in directives:
             try:
-                a, b = directives["usage"].split(",", 1)
-                turn.usage_override = (int(a), int(b))
+                parts = directives["usage"].split(",")
+                turn.usage_override = (*(int(p) for p in parts[:4]), *(float(p) for p in parts[4:5]))
             except ValueError:
                 pass
 
@@ -1259,7 +1272,7 @@ class Server:
                 },
             }
         )
-        self.complete(turn, sess, reason, usage())
+        self.complete(turn, sess, reason, usage(*turn.usage_override) if turn.usage_override else usage())
 
     def permission_turn(self, turn: Turn, sess: dict, ctx_state: dict) -> None:
         sid = sess["id"]

@@ -6,6 +6,9 @@ server serves every model the tests define. Every request body is recorded and c
 read back with ``GET /_requests`` (and cleared with ``DELETE /_requests``): this is how
 tests prove what context droid sent upstream.
 
+A user message with ``[[cached:N]]`` (paced scenario) reports N more prompt tokens, all of them
+cache hits (``usage.prompt_tokens_details.cached_tokens``).
+
 Run as ``python -m tests.fakellm --port 0``; it prints ``PORT <n>`` once listening.
 Answers avoid repeated text: droid aborts turns whose output cycles.
 """
@@ -87,7 +90,8 @@ def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> byte
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
-def _usage_chunk(model: str, prompt: int, completion: int) -> bytes:
+def _usage_chunk(model: str, prompt: int, completion: int, cached: int = 0) -> bytes:
+    details = {"prompt_tokens_details": {"cached_tokens": cached}} if cached else {}
     body = {
         "id": "chatcmpl-fake",
         "object": "chat.completion.chunk",
@@ -98,6 +102,7 @@ def _usage_chunk(model: str, prompt: int, completion: int) -> bytes:
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            **details,
         },
     }
     return b"data: " + orjson.dumps(body) + b"\n\n"
@@ -183,7 +188,9 @@ class FakeLLM:
                 await response.write(_chunk(model, {"content": word + " "}))
                 await asyncio.sleep(PACE_S)
         await response.write(_chunk(model, {}, finish="stop"))
-        await response.write(_usage_chunk(model, 10 + len(messages), PACED_CHUNKS))
+        cached = re.search(r"\[\[cached:(\d+)\]\]", user_text)  # report a prompt cache hit of N tokens
+        prompt = 10 + len(messages) + (int(cached[1]) if cached else 0)
+        await response.write(_usage_chunk(model, prompt, PACED_CHUNKS, int(cached[1]) if cached else 0))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

@@ -301,13 +301,16 @@ def models_page(listing: list[Listed], query: Mapping[str, str]) -> dict[str, An
 # --- outputs → message events ---------------------------------------------------------------------
 
 
-def usage_body(usage: Usage) -> dict[str, int]:
-    return {
+def usage_body(usage: Usage, standard_tokens: float | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
         "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens,
         "cache_creation_input_tokens": usage.cache_creation_tokens,
         "cache_read_input_tokens": usage.cache_read_tokens,
     }
+    if standard_tokens is not None:  # droidpool's extension: what the usage ledger counts
+        body["standard_tokens"] = round(standard_tokens, 3)
+    return body
 
 
 def signature(turn_id: str, thinking: str) -> str:
@@ -384,7 +387,7 @@ class MessagesEncoder:
         return [
             *opened, *self._close(),
             self.event("message_delta", delta={"stop_reason": stop_reason(result), "stop_sequence": None},
-                       usage=usage_body(result.usage)),
+                       usage=usage_body(result.usage, result.standard_tokens)),
             self.event("message_stop"),
         ]
 
@@ -401,7 +404,8 @@ class MessagesEncoder:
         content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": orjson.loads(c.arguments)}
                     for c in result.tool_calls]
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
-                "stop_reason": stop_reason(result), "stop_sequence": None, "usage": usage_body(result.usage)}
+                "stop_reason": stop_reason(result), "stop_sequence": None,
+                "usage": usage_body(result.usage, result.standard_tokens)}
 
 
 def stop_reason(result: TurnResult) -> str:
@@ -423,6 +427,7 @@ TYPES: dict[errors.ErrorKind, str] = {
     "too_large": "request_too_large",
     "unsupported_media_type": "invalid_request_error",
     "rate_limit": "rate_limit_error",
+    "quota": "rate_limit_error",  # Anthropic has no quota type; its clients know 429 rate_limit_error
     "upstream": "api_error",
     "unavailable": "overloaded_error",
     "timeout": "timeout_error",

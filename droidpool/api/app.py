@@ -16,7 +16,7 @@ from droidpool.core.turns import TurnService
 from droidpool.pool.pool import Pool
 from droidpool.store.base import SessionStore
 
-from . import anthropic, browser, ops, responses, sessions
+from . import anthropic, browser, ops, responses, sessions, usage
 from .browser import BrowserPolicy
 from .context import (
     AUTH,
@@ -157,10 +157,17 @@ async def count_tokens(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    listing = request.app[TURNS].catalog.listing()
+    """The models a client may name; each entry's ``droidpool`` field has its price multiplier, where
+    the price comes from, and whether this key may use it."""
+    turns = request.app[TURNS]
+    listing = turns.catalog.listing()
+    extensions = {m.id: usage.model_extension(turns.ledger, request[PRINCIPAL], m) for m in listing}
     if "anthropic-version" in request.headers or "x-api-key" in request.headers:
-        return json_response(anthropic.models_page(listing, request.query))
-    return json_response({"object": "list", "data": [ops.openai_model(m) for m in listing]})
+        page = anthropic.models_page(listing, request.query)
+        for entry in page["data"]:
+            entry["droidpool"] = extensions[entry["id"]]
+        return json_response(page)
+    return json_response({"object": "list", "data": [ops.openai_model(m, extensions[m.id]) for m in listing]})
 
 
 async def get_response(request: web.Request) -> web.Response:
@@ -215,4 +222,5 @@ def build_app(
     app.router.add_delete("/v1/responses/{response_id}", delete_response)
     ops.add_routes(app.router)
     sessions.add_routes(app.router)
+    usage.add_routes(app.router)
     return app

@@ -72,6 +72,32 @@ class TurnsCollector(Collector):
         yield events
 
 
+class LedgerCollector(Collector):
+    """Standard tokens and budget warnings, read from the ledger when Prometheus scrapes."""
+
+    def __init__(self, turns: TurnService) -> None:
+        self.ledger = turns.ledger
+
+    def collect(self) -> Iterator[Metric]:
+        tokens = CounterMetricFamily("droidpool_standard_tokens",
+                                     "standard tokens of recorded turns (weighted tokens x the model's multiplier)",
+                                     labels=["model", "key"])
+        for (model, key), value in sorted(self.ledger.standard_tokens.items()):
+            tokens.add_metric([model, key], value)
+        yield tokens
+        warnings = CounterMetricFamily("droidpool_budget_warnings", "budgets found past a warning threshold",
+                                       labels=["window", "threshold"])
+        for (window, threshold), count in sorted(self.ledger.warnings.items()):
+            warnings.add_metric([window, threshold], count)
+        yield warnings
+        used = GaugeMetricFamily("droidpool_budget_used_ratio",
+                                 "each budget's use as last checked (1 = used up), by window and key (\"\": service)",
+                                 labels=["window", "key"])
+        for (window, key), ratio in sorted(self.ledger.last_ratio.items()):
+            used.add_metric([window, key], ratio)
+        yield used
+
+
 class Metrics:
     """One registry per daemon (no global state), scraped at GET /metrics."""
 
@@ -89,6 +115,7 @@ class Metrics:
         self.registry.register(PoolCollector(pool))
         if turns is not None:
             self.registry.register(TurnsCollector(turns))
+            self.registry.register(LedgerCollector(turns))
 
     def observe(self, *, status: int, stream: bool, duration_s: float, ttft_s: float | None,
                 usage: Usage | None, dialect: str) -> None:

@@ -202,14 +202,17 @@ def _content_text(content: Any, param: str, role: str) -> str:
 # --- outputs → chunks -----------------------------------------------------------------------------
 
 
-def usage_body(usage: Usage) -> dict[str, Any]:
-    return {
+def usage_body(usage: Usage, standard_tokens: float | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.output_tokens,
         "total_tokens": usage.prompt_tokens + usage.output_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cache_read_tokens},
         "completion_tokens_details": {"reasoning_tokens": usage.thinking_tokens},
     }
+    if standard_tokens is not None:  # droidpool's extension: what the usage ledger counts
+        body["standard_tokens"] = round(standard_tokens, 3)
+    return body
 
 
 class ChatEncoder:
@@ -254,7 +257,7 @@ class ChatEncoder:
         if self.include_usage:
             events.append(Event({
                 "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "system_fingerprint": None, "choices": [], "usage": usage_body(result.usage),
+                "system_fingerprint": None, "choices": [], "usage": usage_body(result.usage, result.standard_tokens),
             }))
         return [*events, Event("[DONE]")]
 
@@ -277,7 +280,7 @@ class ChatEncoder:
             "model": self.model,
             "system_fingerprint": None,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(result)}],
-            "usage": usage_body(result.usage),
+            "usage": usage_body(result.usage, result.standard_tokens),
         }
 
 

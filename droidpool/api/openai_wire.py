@@ -24,6 +24,7 @@ TYPES: dict[errors.ErrorKind, str] = {
     "too_large": "invalid_request_error",
     "unsupported_media_type": "invalid_request_error",
     "rate_limit": "rate_limit_error",
+    "quota": "insufficient_quota",
     "upstream": "upstream_error",
     "unavailable": "server_error",
     "timeout": "timeout_error",

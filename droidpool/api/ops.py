@@ -13,11 +13,8 @@ from .context import METRICS, POOL, TURNS, json_response
 from .metrics import CONTENT_TYPE
 
 
-def openai_model(model: Listed) -> dict[str, Any]:
-    entry: dict[str, Any] = {"id": model.id, "object": "model", "created": 0, "owned_by": "droid"}
-    if model.alias_of is not None:
-        entry["droidpool"] = {"alias_of": model.alias_of}
-    return entry
+def openai_model(model: Listed, extension: dict[str, Any]) -> dict[str, Any]:
+    return {"id": model.id, "object": "model", "created": 0, "owned_by": "droid", "droidpool": extension}
 
 
 async def healthz(request: web.Request) -> web.Response:

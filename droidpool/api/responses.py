@@ -195,14 +195,17 @@ def _text(content: Any, param: str) -> str:
 # --- response objects ---------------------------------------------------------------------------
 
 
-def usage_body(usage: Usage) -> dict[str, Any]:
-    return {
+def usage_body(usage: Usage, standard_tokens: float | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
         "input_tokens": usage.prompt_tokens,
         "input_tokens_details": {"cached_tokens": usage.cache_read_tokens},
         "output_tokens": usage.output_tokens,
         "output_tokens_details": {"reasoning_tokens": usage.thinking_tokens},
         "total_tokens": usage.prompt_tokens + usage.output_tokens,
     }
+    if standard_tokens is not None:  # droidpool's extension: what the usage ledger counts
+        body["standard_tokens"] = round(standard_tokens, 3)
+    return body
 
 
 def message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
@@ -218,6 +221,7 @@ def reasoning_item(item_id: str, text: str | None) -> dict[str, Any]:
 def response_object(
     response_id: str, model: str, created: int, echo: Mapping[str, Any], *, status: str,
     output: list[dict[str, Any]], usage: Usage | None = None, error: dict[str, Any] | None = None,
+    standard_tokens: float | None = None,
 ) -> dict[str, Any]:
     return {
         "id": response_id, "object": "response", "created_at": created, "status": status, "error": error,
@@ -225,7 +229,7 @@ def response_object(
         "parallel_tool_calls": True, "previous_response_id": echo.get("previous_response_id"),
         "reasoning": echo.get("reasoning") or {"effort": None, "summary": None}, "store": echo.get("store", True),
         "temperature": None, "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
-        "top_p": None, "truncation": "disabled", "usage": usage_body(usage) if usage is not None else None,
+        "top_p": None, "truncation": "disabled", "usage": usage_body(usage, standard_tokens) if usage is not None else None,
         "user": None, "metadata": {},
     }
 
@@ -248,7 +252,7 @@ def completed(result: TurnResult, echo: Mapping[str, Any]) -> dict[str, Any]:
         output.append(message_item(f"msg_{result.turn_id}", result.text))
     output += [call_item(call_item_id(result.turn_id, i), c) for i, c in enumerate(result.tool_calls)]
     return response_object(f"resp_{result.turn_id}", result.model, result.created, echo, status="completed",
-                           output=output, usage=result.usage)
+                           output=output, usage=result.usage, standard_tokens=result.standard_tokens)
 
 
 def stored(output: Mapping[str, Any]) -> dict[str, Any]:
@@ -367,7 +371,8 @@ class ResponsesEncoder:
         events = self._close() if self.items or self.open else []
         if not any(i["type"] in ("message", "function_call") for i in self.items):
             events += [*self._open("message"), *self._close()]  # every response has a message or calls
-        return [*events, self.event("response.completed", response=self.snapshot("completed", usage=result.usage))]
+        return [*events, self.event("response.completed", response=self.snapshot("completed", usage=result.usage,
+                                                                          standard_tokens=result.standard_tokens))]
 
     def failed(self, error: errors.DroidpoolError) -> list[Event]:
         detail = {"code": error.error_code or error.kind, "message": error.message}

@@ -96,6 +96,10 @@ def _turn_headers(turn: Turn, parsed: Parsed) -> dict[str, str]:
         headers["X-Conversation-Id"] = parsed.turn.conversation_key
     if parsed.turn.ignored:
         headers["X-Droidpool-Ignored-Params"] = ",".join(parsed.turn.ignored)
+    row = turn.ledger_row
+    if row is not None:  # a finished turn (a stream's headers leave first: its final usage says it)
+        headers["X-Droidpool-Standard-Tokens"] = f"{row.standard_tokens:.3f}".rstrip("0").rstrip(".")
+        headers["X-Droidpool-Cost-Source"] = row.cost_source
     return headers
 
 

@@ -29,6 +29,8 @@ class Principal:
     autonomy: str = "off"
     tools: tuple[str, ...] = ()
     max_concurrent: int = 0
+    allow_unpriced: bool = False  # may use Factory models without a known multiplier
+    admin: bool = False  # sees every key's usage
 
     def allows_model(self, model: str) -> bool:
         return not self.models or model in self.models
@@ -58,7 +60,8 @@ def load_keys(config: Config, environ: Mapping[str, str]) -> list[tuple[str, Pri
     out = []
     for entry in entries:
         digest = (entry.sha256 or hash_key(entry.key)).lower()
-        out.append((digest, Principal(entry.name, entry.models, entry.autonomy, entry.tools, entry.max_concurrent)))
+        out.append((digest, Principal(entry.name, entry.models, entry.autonomy, entry.tools, entry.max_concurrent,
+                                           entry.allow_unpriced, entry.admin)))
     return out
 
 
@@ -151,6 +154,7 @@ class Access:
     owner: str = ""
     autonomy: str | None = None  # None: droid.autonomy from the config
     disabled_tool_ids: tuple[str, ...] | None = None  # None: from droid.enabled_tools
+    allow_unpriced: bool = False  # besides pricing.allow_unpriced
 
 
 PUBLIC = Access()
@@ -162,4 +166,5 @@ def access_for(principal: Principal, requested_autonomy: str | None, default_aut
     if principal is ANONYMOUS:
         return Access(owner="", autonomy=autonomy)
     disabled = tuple(t for t in ALL_TOOL_IDS if t not in principal.tools)
-    return Access(owner=principal.name, autonomy=autonomy, disabled_tool_ids=disabled)
+    return Access(owner=principal.name, autonomy=autonomy, disabled_tool_ids=disabled,
+                  allow_unpriced=principal.allow_unpriced)

@@ -6,7 +6,7 @@ import fnmatch
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from droidpool import errors
 
@@ -69,12 +69,14 @@ class Catalog:
 
     def alias(self, name: str) -> str:
         """``name`` after the alias table (unchanged when no alias matches)."""
-        if name in self.aliases:
-            return self.aliases[name]
-        for pattern, target in self.aliases.items():
-            if _is_glob(pattern) and fnmatch.fnmatchcase(name, pattern):
-                return target
-        return name
+        return lookup(self.aliases, name, name)
+
+    def info(self, model_id: str) -> Mapping[str, Any]:
+        """droid's entry for ``model_id`` (``{"id": model_id}`` when droid listed none)."""
+        for model in self.models():
+            if model["id"] == model_id:
+                return model
+        return {"id": model_id}
 
     def resolve(self, name: str, reasoning_effort: str | None = None) -> str:
         """droid's id for a client's model name, or ModelNotFound; checks the reasoning effort."""
@@ -133,6 +135,20 @@ def nearest_effort(wanted: str, supported: Sequence[str]) -> str | None:
         return "dynamic" if "dynamic" in supported else None
     rank = EFFORT_ORDER.index(wanted)
     return min(ranked, key=lambda e: (abs(EFFORT_ORDER.index(e) - rank), EFFORT_ORDER.index(e)))
+
+
+V = TypeVar("V")
+W = TypeVar("W")
+
+
+def lookup(table: Mapping[str, V], name: str, default: W) -> V | W:
+    """``table[name]``, else the value of the first glob key matching ``name``, else ``default``."""
+    if name in table:
+        return table[name]
+    for pattern, value in table.items():
+        if _is_glob(pattern) and fnmatch.fnmatchcase(name, pattern):
+            return value
+    return default
 
 
 def _is_glob(name: str) -> bool:

@@ -147,6 +147,7 @@ class TurnResult:
     created: int  # Unix time the turn started
     stop: StopReason = "end_turn"
     tool_calls: tuple[ToolCall, ...] = ()  # when ``stop`` is tool_calls: the client's names
+    standard_tokens: float | None = None  # what the ledger counts for it (None: not priced yet)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -154,6 +155,7 @@ class TurnResult:
             "text": self.text, "reasoning": self.reasoning, "created": self.created, "stop": self.stop,
             "usage": self.usage.to_json(),
             "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in self.tool_calls],
+            "standard_tokens": self.standard_tokens,
         }
 
     @classmethod
@@ -163,4 +165,5 @@ class TurnResult:
             str(data.get("reasoning", "")), Usage.from_json(data.get("usage") or {}),
             int(data.get("created", 0)), data.get("stop", "end_turn"),
             tuple(ToolCall(str(c["id"]), str(c["name"]), str(c["arguments"])) for c in data.get("tool_calls") or ()),
+            data["standard_tokens"] if isinstance(data.get("standard_tokens"), int | float) else None,
         )

@@ -11,6 +11,7 @@ import anyio
 from droidpool import errors
 from droidpool.droid.protocol import TextDelta, ThinkingDelta, TurnEvent, Usage
 from droidpool.droid.worker import TurnStream, Worker
+from droidpool.store.base import TurnRow
 
 from .access import Access
 from .model import Message, Output, TurnRequest, TurnResult
@@ -51,6 +52,8 @@ class Turn:
     result: TurnResult | None = None
     head: str | None = None  # the history digest once recorded
     parked: bool = False
+    model_id: str = ""  # the droid model it runs on
+    ledger_row: TurnRow | None = None  # its row in the usage ledger, once recorded
 
     @property
     def created(self) -> int:
@@ -111,4 +114,4 @@ class Turn:
         assert self.head is not None
         return Turn(turn_id, self.session_id, self.worker, False, request, access, self.head, sent, self._stream,
                     self._deadlines, self._complete, self._park,
-                    Accumulator(client_name=self.accumulator.client_name))
+                    Accumulator(client_name=self.accumulator.client_name), model_id=self.model_id)

@@ -32,6 +32,7 @@ from droidpool.store.base import SessionRecord, SessionStore, TurnRow
 from . import conversation
 from .access import PUBLIC, Access
 from .catalog import Catalog
+from .ledger import Ledger
 from .model import Message, Text, ToolResult, TurnRequest, TurnResult
 from .output import Accumulator
 from .sessions import Sessions, key_lock
@@ -81,6 +82,7 @@ class TurnService:
         deadlines: Deadlines | None = None,
         broker: ToolBroker | None = None,
         tool_limits: ToolLimits | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.pool = pool
         self.store = store
@@ -89,6 +91,7 @@ class TurnService:
         self.deadlines = deadlines or Deadlines()
         self.broker = broker if broker is not None else ToolBroker()
         self.tool_limits = tool_limits or ToolLimits()
+        self.ledger = ledger if ledger is not None else Ledger(store, catalog)
         self.sessions = Sessions(pool, store, base_settings)
         self.parked: dict[str, Run] = {}  # session id → its parked turn
         self.counters: Counter[str] = Counter()
@@ -120,7 +123,9 @@ class TurnService:
         is ``request.previous_turn_id``, else the one named by ``request.conversation_key``
         (created on first use), else the one whose history the request resends, else a new one.
         Leaving the block before the turn completes interrupts it; a turn that reached droid
-        and was not recorded counts as failed (``store.fail_turn``).
+        and was not recorded counts as failed (``store.fail_turn``). Before anything reaches
+        droid, the model must have a price (or be allowed without one) and the caller must be
+        within its budgets.
         """
         if request.tools and request.tool_choice == "auto" and not self.broker.enabled:
             raise errors.InvalidRequest("Client tools are turned off on this server (tools.enabled = false); "
@@ -129,6 +134,8 @@ class TurnService:
             request.model, request.reasoning_effort, exact=request.effort_is_exact)
         if effort != request.reasoning_effort:
             request = dataclasses.replace(request, reasoning_effort=effort)
+        self.ledger.check_model(model_id, access.allow_unpriced)
+        await self.ledger.admit(access.owner)
         run = await self._resume(request, access)
         if run is None:
             run = await self._start(request, model_id, access)
@@ -163,7 +170,7 @@ class TurnService:
                     start.run = run
                     start.ready.set()
                     await run.release.wait()
-        except Exception as exc:  # noqa: BLE001 - handed to the request, or logged
+        except Exception as exc:
             if start.run is None:
                 start.error = exc
             else:
@@ -212,7 +219,7 @@ class TurnService:
             prompt = conversation.transcript_prompt(split.history, split.new)
         log.debug("turn.start", session=session_id, worker=worker.id, new=record is None, prompt=prompt)
         runs: list[Run] = []
-        stack.push_async_callback(self._settle_run, runs, request, access, session_id)
+        stack.push_async_callback(self._settle_run, runs, request, access, session_id, model_id)
         entry = self.broker.get(session_id)
 
         def park(asked: PermissionAsked) -> bool:
@@ -221,7 +228,8 @@ class TurnService:
         stream = await stack.enter_async_context(worker.turn(prompt, self.deadlines.interrupt_grace_s, park))
         turn = Turn(uuid.uuid4().hex, session_id, worker, record is None, request, access, base, sent, stream,
                     self.deadlines, self._complete, self._park,
-                    Accumulator(client_name=lambda name: client_name(self.broker.get(session_id), name)))
+                    Accumulator(client_name=lambda name: client_name(self.broker.get(session_id), name)),
+                    model_id=model_id)
         runs.append(Run(turn))
         return runs[0]
 
@@ -266,7 +274,8 @@ class TurnService:
                 "this key's); send the results of the pending ones first.", code="parked_limit", retry_after=5)
         acc = turn.accumulator
         result = TurnResult(turn.turn_id, turn.session_id, turn.request.model, acc.text, acc.reasoning, acc.usage,
-                            turn.created, stop="tool_calls", tool_calls=tuple(acc.tool_calls))
+                            turn.created, stop="tool_calls", tool_calls=tuple(acc.tool_calls),
+                            standard_tokens=self.ledger.cost(turn.model_id, acc.usage).standard_tokens)
         answer = Message("assistant", (Text(acc.text), *acc.tool_calls))
         await self._record(turn, result, answer)
         turn.parked = True
@@ -350,20 +359,25 @@ class TurnService:
             log.warning("turn.client_tools_deferred", session=turn.session_id,
                         detail="droid hid the client tools behind ToolSearch: an extra LLM round trip")
         result = TurnResult(turn.turn_id, turn.session_id, turn.request.model, acc.text, acc.reasoning,
-                            acc.usage, turn.created)
+                            acc.usage, turn.created,
+                            standard_tokens=self.ledger.cost(turn.model_id, acc.usage).standard_tokens)
         await self._record(turn, result, Message.of("assistant", acc.text))
         return result
 
     async def _record(self, turn: Turn, result: TurnResult, answer: Message) -> None:
         head = conversation.extend(turn.base, (*turn.sent, answer))
         kept = {"result": result.to_json(), "echo": dict(turn.request.echo)} if turn.request.keep_output else None
-        row = TurnRow(turn.turn_id, turn.session_id, turn.request.model, result.usage, turn.started_at,
-                      turn.access.owner, turn.request.dialect, kept)
+        row = self.ledger.priced_row(TurnRow(
+            turn.turn_id, turn.session_id, turn.request.model, result.usage, turn.started_at, turn.access.owner,
+            turn.request.dialect, kept, droid_model=turn.model_id, conversation_key=turn.request.conversation_key))
         with anyio.CancelScope(shield=True):
             await self.store.complete_turn(row, head)
+        self.ledger.recorded(row)
         turn.head = head
+        turn.ledger_row = row
 
-    async def _settle_run(self, runs: list[Run], request: TurnRequest, access: Access, session_id: str) -> None:
+    async def _settle_run(self, runs: list[Run], request: TurnRequest, access: Access, session_id: str,
+                          model_id: str) -> None:
         """A turn that reached droid and was not recorded failed: keep its usage, and keep
         stateless resends off the session, whose droid history now holds the failed message.
         A parked turn that ended without its results (expired, cancelled, shut down) keeps the
@@ -372,13 +386,15 @@ class TurnService:
         if turn is not None and turn.result is not None and not turn.parked:
             return
         usage = turn.usage if turn is not None else Usage()
-        row = TurnRow(turn.turn_id if turn else uuid.uuid4().hex, session_id,
-                      (turn.request if turn else request).model, usage,
-                      turn.started_at if turn else time.time(), access.owner,
-                      (turn.request if turn else request).dialect,
-                      status="park_ended" if turn is not None and turn.parked else "failed")
+        asked = turn.request if turn else request
+        row = self.ledger.priced_row(TurnRow(
+            turn.turn_id if turn else uuid.uuid4().hex, session_id, asked.model, usage,
+            turn.started_at if turn else time.time(), access.owner, asked.dialect,
+            status="park_ended" if turn is not None and turn.parked else "failed",
+            droid_model=model_id, conversation_key=asked.conversation_key))
         with anyio.CancelScope(shield=True):
             await self.store.fail_turn(row, diverge=not (turn is not None and turn.parked))
+        self.ledger.recorded(row)
         log.info("turn.failed" if row.status == "failed" else "turn.park_ended", session=session_id)
 
     # --- sessions ----------------------------------------------------------------------------

@@ -21,10 +21,18 @@ from droidpool.api.metrics import Metrics
 from droidpool.config import Config, ConfigError
 from droidpool.core.access import Authenticator, load_keys
 from droidpool.core.catalog import Catalog
-from droidpool.core.turn import Deadlines
+from droidpool.core.ledger import Ledger
+from droidpool.core.pricing import Pricing
 from droidpool.core.tools import ToolBroker, offered_directly
+from droidpool.core.turn import Deadlines
 from droidpool.core.turns import ToolLimits, TurnService
-from droidpool.droid.launch import StartupError, base_settings, byok_names, deferral_exemptions, launch_spec
+from droidpool.droid.launch import (
+    StartupError,
+    base_settings,
+    byok_names,
+    deferral_exemptions,
+    launch_spec,
+)
 from droidpool.droid.sessions import apply_prune, droid_sessions_dir, plan_prune
 from droidpool.droid.worker import LaunchSpec
 from droidpool.pool import procfs
@@ -70,7 +78,17 @@ def build_turns(config: Config, pool: Pool, store: SessionStore, broker: ToolBro
         byok_names=byok_names(config),
         aliases=config.models.aliases,
     )
-    return TurnService(pool, store, base_settings(config), catalog, deadlines(config), broker, tool_limits(config))
+    return TurnService(pool, store, base_settings(config), catalog, deadlines(config), broker, tool_limits(config),
+                       build_ledger(config, store, catalog))
+
+
+def pricing(config: Config) -> Pricing:
+    p = config.pricing
+    return Pricing(p.multipliers, p.cached_factor, p.usd_per_million, p.allow_unpriced)
+
+
+def build_ledger(config: Config, store: SessionStore, catalog: Catalog) -> Ledger:
+    return Ledger(store, catalog, pricing(config), config.budgets.limits, config.budgets.warn_at)
 
 
 @asynccontextmanager
@@ -177,6 +195,7 @@ class Daemon:
         self.turns.deadlines = deadlines(new)
         self.turns.tool_limits = tool_limits(new)
         self.turns.catalog.aliases = dict(new.models.aliases)
+        self.turns.ledger.reconfigure(pricing(new), new.budgets.limits, new.budgets.warn_at)
         if new.server.log_level != self.config.server.log_level:
             logs.configure(new.server.log_level)
         self.config = new

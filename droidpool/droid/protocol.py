@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +106,9 @@ class Usage:
     cache_read_tokens: int = 0
     cache_creation_tokens: int = 0
     thinking_tokens: int = 0
+    # droid's own estimate of the turn's Factory credits (0 for BYOK models, or when droid
+    # cannot price the model); not part of what clients are sent.
+    factory_credits: float = 0.0
 
     @classmethod
     def from_droid(cls, raw: Any) -> Usage:
@@ -121,6 +125,7 @@ class Usage:
             num("cacheReadTokens"),
             num("cacheCreationTokens"),
             num("thinkingTokens"),
+            _credits(raw.get("factoryCredits")),
         )
 
     def to_json(self) -> dict[str, int]:
@@ -140,10 +145,22 @@ class Usage:
         counts = [raw.get(k) for k in cls().to_json()]
         return cls(*(v if isinstance(v, int) and not isinstance(v, bool) else 0 for v in counts))
 
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens,
+                     self.cache_read_tokens + other.cache_read_tokens,
+                     self.cache_creation_tokens + other.cache_creation_tokens,
+                     self.thinking_tokens + other.thinking_tokens, self.factory_credits + other.factory_credits)
+
     @property
     def prompt_tokens(self) -> int:
         """Every input token, as clients count them: fresh, cache read and cache creation."""
         return self.input_tokens + self.cache_read_tokens + self.cache_creation_tokens
+
+
+def _credits(value: Any) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    return 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from droidpool.droid.protocol import Usage
 
@@ -73,6 +73,45 @@ class TurnRow:
     dialect: str = "openai"
     output: Mapping[str, Any] | None = field(default=None, compare=False)  # kept for retrieval
     status: str = "completed"  # completed | failed | park_ended (a parked turn that got no results)
+    # The ledger: which droid model ran it, for which conversation, and what it cost.
+    droid_model: str = ""
+    conversation_key: str | None = None
+    standard_tokens: float = 0.0
+    multiplier: float | None = None
+    cost_source: str = "unpriced"
+    usd: float | None = None
+    finished_at: float | None = None  # None: when the store writes it
+
+
+Dimension = Literal["key", "model", "session", "day", "dialect", "status", "bucket"]
+DIMENSIONS: tuple[Dimension, ...] = ("key", "model", "session", "day", "dialect", "status", "bucket")
+
+
+@dataclass(frozen=True)
+class LedgerQuery:
+    """Which turns to sum (finished in [since, until), ``owner``'s or everyone's) and how to group
+    them; ``bucket`` groups by ``floor(finished_at / bucket_s)``, ``day`` by UTC date."""
+
+    since: float = 0.0
+    until: float = float("inf")
+    owner: str | None = None
+    by: tuple[Dimension, ...] = ()
+    bucket_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class LedgerGroup:
+    group: tuple[str, ...]  # one value per ``LedgerQuery.by`` dimension
+    turns: int
+    failed: int
+    usage: Usage
+    standard_tokens: float
+    usd: float
+
+    def to_json(self, by: tuple[str, ...]) -> dict[str, Any]:
+        return {**dict(zip(by, self.group, strict=True)), "turns": self.turns, "failed_turns": self.failed,
+                **self.usage.to_json(), "factory_credits": round(self.usage.factory_credits, 4),
+                "standard_tokens": round(self.standard_tokens, 3), "usd": round(self.usd, 6)}
 
 
 @dataclass(frozen=True)
@@ -104,6 +143,7 @@ class SessionStore(Protocol):
     ) -> Page: ...
     async def all_ids(self) -> dict[str, bool]: ...
     async def get_turn(self, turn_id: str, owner: str) -> TurnRow | None: ...
+    async def ledger(self, query: LedgerQuery) -> list[LedgerGroup]: ...
 
     # writes
     async def create(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import sqlite3
 import threading
 import time
@@ -14,7 +15,15 @@ import orjson
 
 from droidpool.droid.protocol import Usage
 
-from .base import MAX_LIST_LIMIT, Page, SessionRecord, TurnRow, UnknownCursor
+from .base import (
+    MAX_LIST_LIMIT,
+    LedgerGroup,
+    LedgerQuery,
+    Page,
+    SessionRecord,
+    TurnRow,
+    UnknownCursor,
+)
 
 T = TypeVar("T")
 
@@ -82,7 +91,32 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX turns_session ON turns (session_id);
     CREATE INDEX turns_owner_finished ON turns (owner, finished_at);
     """,
+    # v5: the turns table becomes the usage ledger: the droid model that ran each turn, its
+    # conversation id, droid's own credit estimate, and the cost (multiplier, standard tokens,
+    # where the price came from, USD). Rows from before have cost_source 'unrecorded'.
+    """
+    ALTER TABLE turns ADD COLUMN droid_model TEXT NOT NULL DEFAULT '';
+    ALTER TABLE turns ADD COLUMN conversation_key TEXT;
+    ALTER TABLE turns ADD COLUMN factory_credits REAL NOT NULL DEFAULT 0;
+    ALTER TABLE turns ADD COLUMN multiplier REAL;
+    ALTER TABLE turns ADD COLUMN standard_tokens REAL NOT NULL DEFAULT 0;
+    ALTER TABLE turns ADD COLUMN cost_source TEXT NOT NULL DEFAULT 'unrecorded';
+    ALTER TABLE turns ADD COLUMN usd REAL;
+    CREATE INDEX turns_finished ON turns (finished_at);
+    """,
 )
+
+# The ledger's group-by dimensions, as SQL over the turns table (a fixed list: nothing a caller
+# passes is ever spliced into a statement).
+_DIMENSION_SQL: dict[str, str] = {
+    "key": "owner",
+    "model": "CASE WHEN droid_model != '' THEN droid_model ELSE model END",
+    "session": "session_id",
+    "day": "date(finished_at, 'unixepoch')",
+    "dialect": "dialect",
+    "status": "status",
+    "bucket": "CAST(CAST(finished_at / :bucket AS INTEGER) AS TEXT)",
+}
 
 _COLUMNS = (
     "session_id, model, head_digest, created_at, updated_at, turns, input_tokens, output_tokens, "
@@ -363,14 +397,42 @@ class SqliteStore:
 
     @staticmethod
     def _insert_turn(db: sqlite3.Connection, turn: TurnRow, status: str, now: float) -> None:
+        """The turn's ledger row; a turn id already recorded is never counted again."""
         output = orjson.dumps(dict(turn.output)) if turn.output is not None else None
         db.execute(
             "INSERT INTO turns (turn_id, session_id, owner, model, dialect, status, started_at, finished_at, "
-            "input_tokens, output_tokens, cache_read_tokens, cache_creation_tokens, thinking_tokens, output) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (turn_id) DO NOTHING",
-            (turn.turn_id, turn.session_id, turn.owner, turn.model, turn.dialect, status, turn.started_at, now,
-             *_usage_params(turn.usage), output),
+            "input_tokens, output_tokens, cache_read_tokens, cache_creation_tokens, thinking_tokens, output, "
+            "droid_model, conversation_key, factory_credits, multiplier, standard_tokens, cost_source, usd) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (turn_id) DO NOTHING",
+            (turn.turn_id, turn.session_id, turn.owner, turn.model, turn.dialect, status, turn.started_at,
+             turn.finished_at if turn.finished_at is not None else now, *_usage_params(turn.usage), output,
+             turn.droid_model, turn.conversation_key,
+             turn.usage.factory_credits, turn.multiplier, turn.standard_tokens, turn.cost_source, turn.usd),
         )
+
+    async def ledger(self, query: LedgerQuery) -> builtins.list[LedgerGroup]:
+        """The turns finished in [since, until), summed per group of ``query.by``."""
+        if "bucket" in query.by and query.bucket_s <= 0:
+            raise ValueError("grouping by bucket needs bucket_s > 0")
+        dims = [_DIMENSION_SQL[d] for d in query.by]
+        where = "finished_at >= :since AND finished_at < :until"
+        params: dict[str, Any] = {"since": query.since, "until": min(query.until, 1e18), "bucket": query.bucket_s}
+        if query.owner is not None:
+            where += " AND owner = :owner"
+            params["owner"] = query.owner
+        select = ", ".join([*dims, "COUNT(*)", "SUM(status = 'failed')", "SUM(input_tokens)", "SUM(output_tokens)",
+                            "SUM(cache_read_tokens)", "SUM(cache_creation_tokens)", "SUM(thinking_tokens)",
+                            "SUM(factory_credits)", "SUM(standard_tokens)", "COALESCE(SUM(usd), 0)"])
+        ordinals = ", ".join(str(i + 1) for i in range(len(dims)))
+        group = f" GROUP BY {ordinals} ORDER BY {ordinals}" if dims else ""
+        rows = await self._run(
+            lambda: self._conn().execute(f"SELECT {select} FROM turns WHERE {where}{group}", params).fetchall())
+        n = len(dims)
+        return [LedgerGroup(tuple(str(v) for v in r[:n]), r[n], r[n + 1] or 0,
+                            Usage(int(r[n + 2] or 0), int(r[n + 3] or 0), int(r[n + 4] or 0), int(r[n + 5] or 0),
+                                  int(r[n + 6] or 0), float(r[n + 7] or 0)),
+                            float(r[n + 8] or 0), float(r[n + 9] or 0))
+                for r in rows if r[n]]
 
     async def get_turn(self, turn_id: str, owner: str) -> TurnRow | None:
         """A turn whose output was kept, if it is ``owner``'s."""

@@ -220,5 +220,5 @@ async def test_aliases_map_client_names_and_show_in_models(tmp_path: Path) -> No
         assert "ECHO" in text_of(haiku) or text_of(haiku)  # served by the echo model
         listed = await (await client.get("/v1/models")).json()
         alias = next(m for m in listed["data"] if m["id"] == "claude-opus-5-5")
-        assert alias["droidpool"] == {"alias_of": MODEL}
+        assert alias["droidpool"]["alias_of"] == MODEL and alias["droidpool"]["price_source"] == "byok"
         assert not any(m["id"] == "claude-*" for m in listed["data"])

@@ -25,8 +25,9 @@ def _type_name(hint: typing.Any) -> str:
     origin = typing.get_origin(hint)
     if origin is tuple:
         (item, _) = typing.get_args(hint)
-        return "list of strings" if item is str else "list of tables"
-    return "table of strings"
+        return {str: "list of strings", float: "list of numbers"}.get(item, "list of tables")
+    args = typing.get_args(hint)
+    return "table of numbers" if len(args) == 2 and args[1] is float else "table of strings"
 
 
 def _default(value: typing.Any) -> str:

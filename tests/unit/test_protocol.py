@@ -119,3 +119,13 @@ def test_client_tool_transcripts_give_calls_then_one_permission_request() -> Non
                 (FIXTURES / "rpc_client_tools_interrupted.stdout.jsonl").read_bytes().splitlines()]
     done = [e for e in (turn_event(m) for m in messages if isinstance(m, Notification)) if isinstance(e, TurnCompleted)]
     assert [d.reason for d in done] == ["cancelled"]
+
+
+def test_a_prompt_cache_hit_is_reported_as_cache_read_tokens_and_byok_earns_no_credits() -> None:
+    """Recorded: a BYOK model's upstream reports ``cached_tokens`` 40 of its prompt on each of the
+    turn's two LLM calls (the answer and droid's own title request): droid sums both, puts the
+    cached part in cacheReadTokens, keeps inputTokens the uncached rest, and credits nothing."""
+    (completed,) = [e for e in events("rpc_usage_cached.stdout.jsonl") if isinstance(e, TurnCompleted)]
+    usage = completed.usage
+    assert (usage.input_tokens, usage.cache_read_tokens, usage.output_tokens) == (25, 80, 16)
+    assert usage.factory_credits == 0.0 and usage.prompt_tokens == 105

@@ -16,6 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from droidpool.core.access import PUBLIC
+from droidpool.core.catalog import Catalog
 from droidpool.droid.worker import Worker, WorkerState
 from droidpool.pool.pool import Pool
 from droidpool.store import SqliteStore
@@ -439,7 +440,7 @@ async def test_a_failed_turns_usage_is_counted_without_moving_the_head(tmp_path:
     await store.open()
     await store.create("s", MODEL)
     await store.complete_turn(turn_row("s", MODEL, Usage(3, 3, 0, 0, 0)), "head-1")
-    service = TurnService(None, store, SessionSettings(), None)  # type: ignore[arg-type]
+    service = TurnService(None, store, SessionSettings(), Catalog(list))  # type: ignore[arg-type]
     request = TurnRequest(MODEL, ())
     async def unused(turn: Turn) -> Any:
         raise AssertionError("a failed turn is neither completed nor parked")
@@ -450,7 +451,7 @@ async def test_a_failed_turns_usage_is_counted_without_moving_the_head(tmp_path:
         async for _ in turn.outputs(1.0):
             pass
     assert getattr(info.value, "status", None) == 429 and turn.result is None
-    await service._settle_run([Run(turn)], request, PUBLIC, "s")
+    await service._settle_run([Run(turn)], request, PUBLIC, "s", MODEL)
     record = await store.get("s")
     assert record is not None and record.head_digest == "head-1" and record.failed_turns == 1
     assert record.usage == Usage(10, 4, 0, 0, 2) and record.diverged

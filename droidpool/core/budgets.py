@@ -1,0 +1,166 @@
+"""Budgets over time windows, decided in pure functions: where a window starts, how full it is,
+when it frees enough, what it will hold at this pace, which warnings are due. All times are UTC
+epoch seconds."""
+
+from __future__ import annotations
+
+import calendar
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from droidpool.config import WINDOW_PATTERN, Budget
+
+# Rolling windows are summed in buckets of this many seconds at most (a 30-day window is 43,200
+# minute buckets); Retry-After then errs late by at most one bucket, never early.
+MAX_BUCKET_S = 60.0
+
+
+@dataclass(frozen=True)
+class Window:
+    """A rolling span (``5h``, ``7d``) or a calendar month starting on ``start_day`` (``monthly:15``;
+    a day past a month's end means its last day)."""
+
+    spec: str
+    span_s: float | None = None
+    start_day: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Window:
+        match = re.fullmatch(WINDOW_PATTERN, spec)
+        if match is None:
+            raise ValueError(f"not a budget window: {spec!r}")
+        if match["span"] is not None:
+            return cls(spec, span_s=float(match["span"]) * (3600.0 if match["unit"] == "h" else 86400.0))
+        return cls(spec, start_day=int(match["day"] or 1))
+
+    @property
+    def rolling(self) -> bool:
+        return self.span_s is not None
+
+    @property
+    def bucket_s(self) -> float:
+        """The bucket a store sums a rolling window in (0: one sum, for a monthly cycle)."""
+        return min(MAX_BUCKET_S, self.span_s / 100) if self.span_s is not None else 0.0
+
+    def start(self, now: float) -> float:
+        if self.span_s is not None:
+            return now - self.span_s
+        assert self.start_day is not None
+        return cycle_start(now, self.start_day)
+
+    def end(self, now: float) -> float:
+        """When the use counted now stops counting: now + span rolling, the next cycle monthly."""
+        if self.span_s is not None:
+            return now + self.span_s
+        assert self.start_day is not None
+        start = datetime.fromtimestamp(cycle_start(now, self.start_day), UTC)
+        year, month = (start.year + 1, 1) if start.month == 12 else (start.year, start.month + 1)
+        return _day_of(year, month, self.start_day)
+
+
+def _day_of(year: int, month: int, day: int) -> float:
+    last = calendar.monthrange(year, month)[1]
+    return datetime(year, month, min(day, last), tzinfo=UTC).timestamp()
+
+
+def cycle_start(now: float, start_day: int) -> float:
+    """00:00 UTC of the latest ``start_day`` (clamped to the month's length) at or before ``now``."""
+    at = datetime.fromtimestamp(now, UTC)
+    this_month = _day_of(at.year, at.month, start_day)
+    if this_month <= now:
+        return this_month
+    year, month = (at.year - 1, 12) if at.month == 1 else (at.year, at.month - 1)
+    return _day_of(year, month, start_day)
+
+
+def frees_at(window: Window, buckets: Sequence[tuple[float, float]], limit: float, now: float) -> float:
+    """When the window's use drops below ``limit`` again. ``buckets`` are (bucket start, amount)
+    of the rows in the window; a rolling window frees as its oldest rows age out, a cycle at its end."""
+    if window.span_s is None:
+        return window.end(now)
+    used = sum(amount for _, amount in buckets)
+    if used < limit:
+        return now
+    if limit <= 0:
+        return now + window.span_s
+    for start, amount in sorted(buckets):
+        used -= amount
+        if used < limit:  # every row of this bucket finished before its end
+            return start + (window.bucket_s or 0) + window.span_s
+    return now + window.span_s  # pragma: no cover - the loop empties ``used``
+
+
+def projected(window: Window, used: float, recent: float, now: float) -> float:
+    """The use the window will hold at its end at the current pace. A cycle extrapolates its use so
+    far over its whole length; a rolling window takes the pace of its last quarter (``recent``)."""
+    if window.span_s is not None:
+        return recent * 4
+    start, end = window.start(now), window.end(now)
+    elapsed = max(now - start, 1.0)
+    return used * (end - start) / elapsed
+
+
+def applies(budget: Budget, owner: str) -> str | None:
+    """The scope of ``budget`` a request by ``owner`` counts against (None: it does not):
+    ``""`` the whole service, else the key's own use."""
+    if budget.key == "":
+        return ""
+    if budget.key == "*" or budget.key == owner:
+        return owner
+    return None
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    """A budget as it stands for one scope (``""``: the whole service; else a key)."""
+
+    budget: Budget
+    scope: str
+    used: float
+    now: float
+    starts_at: float
+    frees_at: float
+    projected: float
+
+    @property
+    def window(self) -> Window:
+        return Window.parse(self.budget.window)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.used >= self.budget.limit
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.budget.limit - self.used)
+
+    @property
+    def fraction(self) -> float:
+        if self.budget.limit <= 0:
+            return math.inf if self.used > 0 else 1.0
+        return self.used / self.budget.limit
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.scope if self.scope else None,
+            "applies_to": self.budget.key or "service",
+            "window": self.budget.window,
+            "unit": self.budget.unit,
+            "limit": self.budget.limit,
+            "used": round(self.used, 3),
+            "remaining": round(self.remaining, 3),
+            "percent": round(100 * self.fraction, 2) if math.isfinite(self.fraction) else None,
+            "window_start": self.starts_at,
+            "frees_at": self.frees_at if self.exhausted else None,
+            "projected": round(self.projected, 3),
+        }
+
+
+def due_warning(thresholds: Sequence[float], fraction: float, warned: float) -> float | None:
+    """The highest threshold ``fraction`` has reached that was not warned of yet (``warned``)."""
+    reached = [t for t in thresholds if fraction >= t > warned]
+    return max(reached) if reached else None
