@@ -37,7 +37,8 @@ Turn directives (anywhere in the user text; they can be combined):
     [[permission]]     server->client droid.request_permission (real shape); the answer text
                        contains [permission=<selectedOption>]
     [[permission:strict]]  same, but "cancel" ends the turn like the real CLI (no second message)
-    [[usage:IN,OUT]]   tokenUsage inputTokens/outputTokens of the turn (a failed turn reports it too)
+    [[usage:IN,OUT]]   tokenUsage inputTokens/outputTokens of the turn (a failed or interrupted
+                       turn reports it too)
     [[usage:IN,OUT,CACHE_READ,CACHE_CREATION,CREDITS]]  ... and cacheReadTokens,
                        cacheCreationTokens, factoryCredits (a number)
     [[call:NAME:{json}]]  the LLM calls MCP tool NAME of the session's mcpServers (several: one
@@ -1625,7 +1626,8 @@ class Server:
             self.notify({"type": "create_message", "message": m}, sess["id"])
             sess["messages"].append(m)
             parent_id = m["id"]
-        self.complete(turn, sess, "cancelled", usage())
+        # droid reports what the LLM calls before the interrupt used (recorded: 13 in, 5 out)
+        self.complete(turn, sess, "cancelled", usage(*turn.usage_override) if turn.usage_override else usage())
 
     def complete(self, turn: Turn, sess: dict, reason: str, turn_usage: dict) -> None:
         sid = sess["id"]

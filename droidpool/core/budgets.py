@@ -13,10 +13,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from droidpool.config import WINDOW_PATTERN, Budget
+from droidpool.store.base import LedgerEntry
 
-# Rolling windows are summed in buckets of this many seconds at most (a 30-day window is 43,200
-# minute buckets); Retry-After then errs late by at most one bucket, never early.
-MAX_BUCKET_S = 60.0
+# A budget's use is kept in buckets: a rolling window's are 1/1000 of its span (18 s for 5 h,
+# 43 min for 30 days), a monthly cycle's an hour (cycles start at 00:00 UTC). A row counts while
+# any of its bucket is in the window, and Retry-After errs late by at most one bucket: both err on
+# the side of the budget.
+ROLLING_BUCKETS = 1000
+CYCLE_BUCKET_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,7 @@ class Window:
 
     @property
     def bucket_s(self) -> float:
-        """The bucket a store sums a rolling window in (0: one sum, for a monthly cycle)."""
-        return min(MAX_BUCKET_S, self.span_s / 100) if self.span_s is not None else 0.0
+        return self.span_s / ROLLING_BUCKETS if self.span_s is not None else CYCLE_BUCKET_S
 
     def start(self, now: float) -> float:
         if self.span_s is not None:
@@ -90,7 +93,7 @@ def frees_at(window: Window, buckets: Sequence[tuple[float, float]], limit: floa
     for start, amount in sorted(buckets):
         used -= amount
         if used < limit:  # every row of this bucket finished before its end
-            return start + (window.bucket_s or 0) + window.span_s
+            return start + window.bucket_s + window.span_s
     return now + window.span_s  # pragma: no cover - the loop empties ``used``
 
 
@@ -158,6 +161,48 @@ class BudgetState:
             "frees_at": self.frees_at if self.exhausted else None,
             "projected": round(self.projected, 3),
         }
+
+
+class Tally:
+    """One budget's use, per scope, in its window's buckets: fed ledger entries as they are
+    written, asked how each scope stands. Pure bookkeeping: no I/O, no clock of its own."""
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.window = Window.parse(budget.window)
+        self.scopes: dict[str, dict[float, float]] = {}  # scope → bucket start → amount
+
+    def add(self, entry: LedgerEntry) -> None:
+        scope = applies(self.budget, entry.owner)
+        if scope is None:
+            return
+        size = self.window.bucket_s
+        start = math.floor(entry.finished_at / size) * size
+        amount = entry.factory_credits if self.budget.unit == "factory_credits" else entry.standard_tokens
+        buckets = self.scopes.setdefault(scope, {})
+        buckets[start] = buckets.get(start, 0.0) + amount
+
+    def prune(self, now: float, scope: str | None = None) -> None:
+        """Forget buckets wholly before the window (of one scope, or of all)."""
+        cutoff = self.window.start(now) - self.window.bucket_s
+        for name in [scope] if scope is not None else list(self.scopes):
+            buckets = self.scopes.get(name)
+            if buckets is None:
+                continue
+            for start in [s for s in buckets if s < cutoff]:
+                del buckets[start]
+            if not buckets:
+                del self.scopes[name]
+
+    def state(self, scope: str, now: float) -> BudgetState:
+        self.prune(now, scope)
+        window, size = self.window, self.window.bucket_s
+        start = window.start(now)
+        live = [(b, a) for b, a in self.scopes.get(scope, {}).items() if b + size > start]
+        used = sum(a for _, a in live)
+        recent = sum(a for b, a in live if window.span_s is not None and b + size > now - window.span_s / 4)
+        return BudgetState(self.budget, scope, used, now, start, frees_at(window, live, self.budget.limit, now),
+                           projected(window, used, recent, now))
 
 
 def due_warning(thresholds: Sequence[float], fraction: float, warned: float) -> float | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 import structlog
 
 from droidpool import errors
@@ -19,13 +20,15 @@ from droidpool.config import Budget
 from droidpool.droid.protocol import Usage
 from droidpool.store.base import Dimension, LedgerGroup, LedgerQuery, SessionStore, TurnRow
 
-from .budgets import BudgetState, Window, applies, due_warning, frees_at, projected
+from .budgets import BudgetState, Tally, applies, due_warning
 from .catalog import Catalog
 from .pricing import Cost, Price, Pricing
 
 log = structlog.get_logger(__name__)
 
 MAX_WARNED = 4096  # (budget, scope, window start) entries remembered for warnings
+SYNC_PAGE = 5000  # ledger entries read at a time
+PRUNE_EVERY_S = 60.0  # how often every scope's old buckets are dropped
 
 
 @dataclass
@@ -43,6 +46,10 @@ class Ledger:
     warnings: Counter[tuple[str, str]] = field(default_factory=Counter)  # (window, threshold) → count
     last_ratio: dict[tuple[str, str], float] = field(default_factory=dict)  # (window, scope) → used / limit
     _warned: dict[tuple[int, str, float], float] = field(default_factory=dict)
+    _tallies: list[Tally] | None = None  # one per budget, built on the first sync
+    _seq: int = 0  # the last ledger entry folded into them
+    _pruned_at: float = 0.0
+    _sync_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     def now(self) -> float:
         return self.clock()
@@ -50,6 +57,7 @@ class Ledger:
     def reconfigure(self, pricing: Pricing, budgets: tuple[Budget, ...], warn_at: tuple[float, ...]) -> None:
         """New prices and budgets (SIGHUP); the rows already written keep the cost they had."""
         self.pricing, self.budgets, self.warn_at = pricing, budgets, warn_at
+        self._tallies = None  # rebuilt from the store on the next sync
         self._warned.clear()
         self.last_ratio.clear()
 
@@ -96,37 +104,41 @@ class Ledger:
                 out.append((index, budget, scope))
         return out
 
-    async def state(self, budget: Budget, scope: str, now: float | None = None) -> BudgetState:
-        now = self.now() if now is None else now
-        window = Window.parse(budget.window)
-        start = window.start(now)
-        owner = None if budget.key == "" else scope
-        query = LedgerQuery(since=start, until=math.inf, owner=owner,
-                            by=("bucket",) if window.rolling else (), bucket_s=window.bucket_s)
-        groups = await self.store.ledger(query)
-
-        def amount(group: LedgerGroup) -> float:
-            return group.usage.factory_credits if budget.unit == "factory_credits" else group.standard_tokens
-
-        if window.rolling:
-            buckets = [(float(g.group[0]) * window.bucket_s, amount(g)) for g in groups]
-        else:
-            buckets = [(start, amount(g)) for g in groups]
-        used = sum(a for _, a in buckets)
-        recent = sum(a for t, a in buckets if window.span_s is not None and t >= now - window.span_s / 4)
-        return BudgetState(budget, scope, used, now, start, frees_at(window, buckets, budget.limit, now),
-                           projected(window, used, recent, now))
+    async def sync(self) -> None:
+        """Fold the ledger rows written since the last sync (by this process or any other sharing
+        the store) into the budgets' tallies; the first sync reads the windows' rows once."""
+        if not self.budgets:
+            return
+        async with self._sync_lock:
+            if self._tallies is None:
+                self._tallies, self._seq = [Tally(b) for b in self.budgets], 0
+            now = self.now()
+            since = min(t.window.start(now) - t.window.bucket_s for t in self._tallies)
+            while True:
+                entries = await self.store.ledger_entries(self._seq, since, SYNC_PAGE)
+                for entry in entries:
+                    for tally in self._tallies:
+                        tally.add(entry)
+                if entries:
+                    self._seq = entries[-1].seq
+                if len(entries) < SYNC_PAGE:
+                    break
+            if now - self._pruned_at > PRUNE_EVERY_S:
+                for tally in self._tallies:
+                    tally.prune(now)
+                self._pruned_at = now
 
     async def states(self, owner: str | None) -> list[BudgetState]:
         """Each budget ``owner`` counts against; None: every budget, a ``*`` budget once for each
         key with use in its window."""
+        await self.sync()
+        if self._tallies is None:
+            return []
         now = self.now()
-        out = [await self.state(budget, scope, now) for _, budget, scope in self.applicable(owner)]
+        out = [self._tallies[index].state(scope, now) for index, _, scope in self.applicable(owner)]
         if owner is None:
-            for budget in (b for b in self.budgets if b.key == "*"):
-                since = Window.parse(budget.window).start(now)
-                keys = await self.store.ledger(LedgerQuery(since=since, by=("key",)))
-                out += [await self.state(budget, g.group[0], now) for g in keys]
+            for tally in (t for t in self._tallies if t.budget.key == "*"):
+                out += [tally.state(scope, now) for scope in sorted(tally.scopes)]
         return out
 
     async def report(self, since: float, until: float, owner: str | None,
@@ -151,9 +163,11 @@ class Ledger:
         counts against is used up, with Retry-After when it frees enough; warnings as they fall due."""
         if not self.budgets:
             return
+        await self.sync()
+        assert self._tallies is not None
         now = self.now()
         for index, budget, scope in self.applicable(owner):
-            state = await self.state(budget, scope, now)
+            state = self._tallies[index].state(scope, now)
             self._warn(index, state)
             if state.exhausted:
                 whose = "this service's" if budget.key == "" else f"API key {scope!r}'s"

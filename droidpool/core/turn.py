@@ -109,6 +109,12 @@ class Turn:
                 self.first_token_at = time.monotonic()
             yield event
 
+    @property
+    def spent(self) -> Usage:
+        """What droid reports the turn used, including after an interrupt nobody read."""
+        completed = self._stream.completed
+        return completed.usage if completed is not None else self.accumulator.usage
+
     def resumed(self, turn_id: str, request: TurnRequest, access: Access, sent: tuple[Message, ...]) -> Turn:
         """The same droid turn, carried on by another request (the one with the tool results)."""
         assert self.head is not None

@@ -385,7 +385,7 @@ class TurnService:
         turn = runs[0].turn if runs else None
         if turn is not None and turn.result is not None and not turn.parked:
             return
-        usage = turn.usage if turn is not None else Usage()
+        usage = turn.spent if turn is not None else Usage()
         asked = turn.request if turn else request
         row = self.ledger.priced_row(TurnRow(
             turn.turn_id if turn else uuid.uuid4().hex, session_id, asked.model, usage,

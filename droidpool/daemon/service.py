@@ -125,6 +125,7 @@ async def running_turns(config: Config, pool: Pool, store: SessionStore) -> Asyn
                                    "droidpool_tool_events_total{event=\"tools_deferred\"} counts the turns it happens in",
                             exemptions=exemptions)
         turns = build_turns(config, pool, store, broker)
+        await turns.ledger.sync()  # the budgets' windows are read now, not by the first request
         async with turns.running():
             yield turns
 

@@ -142,6 +142,7 @@ class _Turn:
         self.done = anyio.Event()
         self.abandoned = False
         self.park = park
+        self.completed: TurnCompleted | None = None  # droid's end of the turn, read or not
 
 
 _ids = itertools.count(1)
@@ -473,6 +474,7 @@ class Worker:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
         if isinstance(event, TurnCompleted):
+            turn.completed = event
             turn.done.set()
 
     async def answer_permission(self, request_id: Any, option: str) -> None:
@@ -527,6 +529,11 @@ class TurnStream:
 
     def __aiter__(self) -> TurnStream:
         return self
+
+    @property
+    def completed(self) -> TurnCompleted | None:
+        """How droid ended the turn, even when nobody read that far (an interrupted turn's usage)."""
+        return self._turn.completed
 
     async def __anext__(self) -> TurnEvent:
         if self._completed:

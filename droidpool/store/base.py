@@ -114,6 +114,17 @@ class LedgerGroup:
                 "standard_tokens": round(self.standard_tokens, 3), "usd": round(self.usd, 6)}
 
 
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One ledger row as budgets count it; ``seq`` grows with every row written."""
+
+    seq: int
+    finished_at: float
+    owner: str
+    standard_tokens: float
+    factory_credits: float
+
+
 @dataclass(frozen=True)
 class Page:
     """One page of the session list, newest update first."""
@@ -144,6 +155,7 @@ class SessionStore(Protocol):
     async def all_ids(self) -> dict[str, bool]: ...
     async def get_turn(self, turn_id: str, owner: str) -> TurnRow | None: ...
     async def ledger(self, query: LedgerQuery) -> list[LedgerGroup]: ...
+    async def ledger_entries(self, after: int, since: float, limit: int) -> list[LedgerEntry]: ...
 
     # writes
     async def create(

@@ -17,6 +17,7 @@ from droidpool.droid.protocol import Usage
 
 from .base import (
     MAX_LIST_LIMIT,
+    LedgerEntry,
     LedgerGroup,
     LedgerQuery,
     Page,
@@ -409,6 +410,14 @@ class SqliteStore:
              turn.droid_model, turn.conversation_key,
              turn.usage.factory_credits, turn.multiplier, turn.standard_tokens, turn.cost_source, turn.usd),
         )
+
+    async def ledger_entries(self, after: int, since: float, limit: int) -> builtins.list[LedgerEntry]:
+        """Rows written after ``after`` (their rowid, which grows with each insert under the write
+        lock) that finished at ``since`` or later, oldest write first, at most ``limit``."""
+        rows = await self._run(lambda: self._conn().execute(
+            "SELECT rowid, finished_at, owner, standard_tokens, factory_credits FROM turns "
+            "WHERE rowid > ? AND finished_at >= ? ORDER BY rowid LIMIT ?", (after, since, limit)).fetchall())
+        return [LedgerEntry(*r) for r in rows]
 
     async def ledger(self, query: LedgerQuery) -> builtins.list[LedgerGroup]:
         """The turns finished in [since, until), summed per group of ``query.by``."""

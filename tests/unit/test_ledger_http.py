@@ -173,3 +173,16 @@ async def test_estimates_and_warnings(tmp_path: Path) -> None:
         assert f'droidpool_standard_tokens_total{{key="",model="{MODEL}"}} 500.0' in metrics
         assert 'droidpool_budget_warnings_total{threshold="0.4",window="7d"} 1.0' in metrics
         assert 'droidpool_budget_used_ratio{key="",window="7d"} 0.5' in metrics
+
+
+async def test_an_interrupted_turn_counts_what_droid_reports_after_the_interrupt(tmp_path: Path) -> None:
+    import anyio
+
+    async with served(tmp_path, **PRICED) as (client, pool):
+        async with client.post("/v1/chat/completions", json=chat(f"hang [[hang_mid]] {COSTLY}", stream=True)) as r:
+            await r.content.readany()  # the first delta: then the client goes away
+        with anyio.fail_after(10):
+            while not (await (await client.get("/v1/usage")).json())["total"]["turns"]:
+                await anyio.sleep(0.05)
+        usage = await (await client.get("/v1/usage?by=status")).json()
+        assert [(g["status"], g["standard_tokens"]) for g in usage["groups"]] == [("failed", 500)]
