@@ -150,7 +150,7 @@ class BudgetState:
     def to_json(self) -> dict[str, Any]:
         return {
             "key": self.scope if self.scope else None,
-            "applies_to": self.budget.key or "service",
+            "applies_to": {"": "service", "*": "each key"}.get(self.budget.key, self.budget.key),
             "window": self.budget.window,
             "unit": self.budget.unit,
             "limit": self.budget.limit,

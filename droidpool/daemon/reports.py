@@ -104,6 +104,7 @@ def plot(groups: Sequence[Mapping[str, Any]], budgets: Sequence[Budget], path: P
     """Daily standard tokens per model as stacked bars, each budget's daily share as a line."""
     try:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -115,15 +116,20 @@ def plot(groups: Sequence[Mapping[str, Any]], budgets: Sequence[Budget], path: P
     for model, values in sorted(series.items()):
         ax.bar(days, values, bottom=bottom, label=model)
         bottom = [a + b for a, b in zip(bottom, values, strict=True)]
+    top = max(bottom, default=0.0)
+    colours = iter(["black", "crimson", "dimgray", "purple", "darkgoldenrod"] * 4)
     for budget in budgets:
         share = daily_budget(budget)
         if share is not None and budget.unit == "standard_tokens":
             who = "service" if budget.key == "" else ("each key" if budget.key == "*" else budget.key)
-            ax.axhline(share, linestyle="--", linewidth=1,
+            ax.axhline(share, linestyle="--", linewidth=1.2, color=next(colours),
                        label=f"budget {number(budget.limit)} / {budget.window} ({who}): daily share")
+            top = max(top, share)
+    ax.set_ylim(0, top * 1.35 or 1)
     ax.set_ylabel("standard tokens per day (UTC)")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.set_title(title)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", framealpha=0.9)
     ax.tick_params(axis="x", labelrotation=45)
     fig.tight_layout()
     fig.savefig(path)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import sqlite3
 import threading
 import urllib.request
@@ -175,3 +177,18 @@ def test_the_ledger_survives_sigkill_with_no_row_lost_or_doubled(tmp_path: Path)
         assert report["total"]["standard_tokens"] == pytest.approx(2.0 * 110 * len(after))
     finally:
         assert again.stop() == 0
+
+
+def test_the_usage_demo_writes_a_ledger_the_readme_shows(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "examples/usage_demo.py", str(tmp_path / "demo")], capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).parents[2], check=False)
+    assert done.returncode == 0, done.stderr
+    written = int(done.stdout.split()[0])
+    code, out = run(tmp_path / "demo" / "droidpool.toml", "usage", "--since", "21d", "--by", "model", "--json")
+    assert code == 0, out
+    report = json.loads(out)
+    assert report["total"]["turns"] == written
+    assert {g["model"] for g in report["groups"]} == {"claude-opus-5", "claude-sonnet-5", "custom:local-qwen"}
+    free = next(g for g in report["groups"] if g["model"] == "custom:local-qwen")
+    assert free["standard_tokens"] == 0 and free["input_tokens"] > 0
+    assert [b["applies_to"] for b in report["budgets"]][:2] == ["service", "service"]

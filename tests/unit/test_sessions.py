@@ -430,11 +430,13 @@ async def test_a_failed_turns_usage_is_counted_without_moving_the_head(tmp_path:
 
         def __init__(self) -> None:
             self.events = [TurnCompleted("model_rate_limited", Usage(7, 1, 0, 0, 2))]
+            self.completed: TurnCompleted | None = None  # as TurnStream: how droid ended it
 
         async def __anext__(self) -> TurnCompleted:
             if not self.events:
                 raise StopAsyncIteration
-            return self.events.pop()
+            self.completed = self.events.pop()
+            return self.completed
 
     store = SqliteStore(tmp_path / "s.db", 3600)
     await store.open()
