@@ -85,16 +85,16 @@ def frees_at(window: Window, buckets: Sequence[tuple[float, float]], limit: floa
     of the rows in the window; a rolling window frees as its oldest rows age out, a cycle at its end."""
     if window.span_s is None:
         return window.end(now)
-    used = sum(amount for _, amount in buckets)
-    if used < limit:
+    if math.fsum(amount for _, amount in buckets) < limit:
         return now
     if limit <= 0:
         return now + window.span_s
-    for start, amount in sorted(buckets):
-        used -= amount
-        if used < limit:  # every row of this bucket finished before its end
+    ordered = sorted(buckets)
+    for index, (start, _) in enumerate(ordered):
+        # what is left once this bucket is gone, summed exactly (fsum: no drift from subtracting)
+        if math.fsum(amount for _, amount in ordered[index + 1:]) < limit:
             return start + window.bucket_s + window.span_s
-    return now + window.span_s  # pragma: no cover - the loop empties ``used``
+    return now + window.span_s  # pragma: no cover - the last bucket leaves nothing
 
 
 def projected(window: Window, used: float, recent: float, now: float) -> float:
@@ -199,8 +199,8 @@ class Tally:
         window, size = self.window, self.window.bucket_s
         start = window.start(now)
         live = [(b, a) for b, a in self.scopes.get(scope, {}).items() if b + size > start]
-        used = sum(a for _, a in live)
-        recent = sum(a for b, a in live if window.span_s is not None and b + size > now - window.span_s / 4)
+        used = math.fsum(a for _, a in live)
+        recent = math.fsum(a for b, a in live if window.span_s is not None and b + size > now - window.span_s / 4)
         return BudgetState(self.budget, scope, used, now, start, frees_at(window, live, self.budget.limit, now),
                            projected(window, used, recent, now))
 

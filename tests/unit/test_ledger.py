@@ -144,16 +144,16 @@ def test_a_rolling_window_frees_no_earlier_than_its_rows_age_out(rows: list[tupl
     for index, amount in rows:
         start = math.floor((now - window.span_s + index * 60) / bucket) * bucket  # type: ignore[operator]
         buckets[start] = buckets.get(start, 0.0) + amount
-    used = sum(buckets.values())
+    used = math.fsum(buckets.values())
     at = frees_at(window, list(buckets.items()), limit, now)
     if used < limit:
         assert at == now
         return
     # at ``at`` every row of the buckets that had to go has aged out, and what is left is under the limit
-    left = sum(a for s, a in buckets.items() if s + bucket + window.span_s > at)  # type: ignore[operator]
+    left = math.fsum(a for s, a in buckets.items() if s + bucket + window.span_s > at)  # type: ignore[operator]
     assert left < limit
     # and no later than needed: a moment earlier, what is still there is not under the limit
-    before = sum(a for s, a in buckets.items() if s + bucket + window.span_s > at - 1e-3)  # type: ignore[operator]
+    before = math.fsum(a for s, a in buckets.items() if s + bucket + window.span_s > at - 1e-3)  # type: ignore[operator]
     assert before >= limit
 
 
@@ -347,3 +347,11 @@ async def test_budgets_follow_rows_another_process_writes_to_the_same_store(tmp_
 
 async def states_of(ledger: Ledger) -> None:
     await ledger.states("a")
+
+
+def test_a_window_left_exactly_at_its_limit_is_still_used_up() -> None:
+    """Found by hypothesis: subtracting 255 from 256.319... left a hair under the limit."""
+    window = Window.parse("5h")
+    buckets = [(10_000_000.0 - window.span_s, 255.0), (10_000_000.0 - window.span_s + 54, 1.3192554398980576)]
+    at = frees_at(window, buckets, 1.3192554398980576, 10_000_000.0)
+    assert at == buckets[1][0] + window.bucket_s + window.span_s  # both buckets must go, not just the first
