@@ -17,7 +17,7 @@ from droidpool import __version__
 from droidpool.config import Config, ConfigError, field_docs, load
 from droidpool.daemon import logs
 from droidpool.droid.sessions import apply_prune, droid_sessions_dir, plan_prune
-from droidpool.store import SqliteStore
+from droidpool.store import SessionStore, open_store
 
 DEFAULT_CONFIG_NAME = "droidpool.toml"
 T = TypeVar("T")
@@ -189,14 +189,15 @@ def sessions() -> None:
     """Inspect and clean up the session store and droid's session files."""
 
 
-async def _with_store(config: Config, action: Callable[[SqliteStore], Awaitable[T]], missing_ok: bool = False) -> T:
-    """Run ``action`` on the store; ``missing_ok``: on an empty one (in memory) if there is none yet."""
+async def _with_store(config: Config, action: Callable[[SessionStore], Awaitable[T]], missing_ok: bool = False) -> T:
+    """Run ``action`` on the store (``store.url``, else the SQLite file); ``missing_ok``: on an
+    empty one (in memory) if there is no SQLite file yet."""
     path = config.store_path
-    if not path.is_file():
+    if not config.store.url and not path.is_file():
         if not missing_ok:
             raise click.ClickException(f"no session store at {path}")
         path = Path(":memory:")
-    store = SqliteStore(path, config.store.session_ttl_s)
+    store = open_store(config.store.url, path, config.store.session_ttl_s)
     await store.open()
     try:
         return await action(store)
@@ -254,7 +255,7 @@ def sessions_drop(config_path: Path | None, session_ids: tuple[str, ...]) -> Non
     """Forget sessions: no request reaches them again (droid's files stay; see prune-files)."""
     config = _load(config_path, {})
 
-    async def drop(store: SqliteStore) -> list[bool]:
+    async def drop(store: SessionStore) -> list[bool]:
         return [await store.delete(session_id) for session_id in session_ids]
 
     results = anyio.run(_with_store, config, drop)
@@ -300,7 +301,7 @@ def sessions_prune_files(config_path: Path | None, apply: bool, min_age_s: float
 # --- the usage ledger ---------------------------------------------------------------------------
 
 
-def _ledger(config: Config, store: SqliteStore, models: list[dict[str, Any]] | None = None) -> Any:
+def _ledger(config: Config, store: SessionStore, models: list[dict[str, Any]] | None = None) -> Any:
     from droidpool.core.catalog import Catalog
     from droidpool.core.ledger import Ledger
     from droidpool.daemon.service import pricing
@@ -345,7 +346,7 @@ def usage(config_path: Path | None, since: str | None, until: str | None, by: st
         raise click.BadParameter(exc.message, param_hint="--by") from None
     start, end = _time(since, time.time() - 30 * 86400), _time(until, float("inf"))
 
-    async def run(store: SqliteStore) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    async def run(store: SessionStore) -> tuple[dict[str, Any], dict[str, Any] | None]:
         ledger = _ledger(config, store)
         report = await ledger.report(start, end, key, dims)
         daily = await ledger.report(start, end, key, ("day", "model")) if plot_path is not None else None
@@ -402,7 +403,7 @@ def estimate(config_path: Path | None, model: str, tokens: float, key: str | Non
     config = _load(config_path, {})
     found = _droid_models(config)
 
-    async def run(store: SqliteStore) -> dict[str, Any]:
+    async def run(store: SessionStore) -> dict[str, Any]:
         ledger = _ledger(config, store, found)
         model_id = ledger.catalog.resolve(model)
         return dict(await ledger.estimate(model_id, tokens, key))

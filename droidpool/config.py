@@ -300,6 +300,12 @@ class BudgetsConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
+    url: str = field(
+        default="",
+        metadata={"doc": "A shared PostgreSQL store for several nodes: \"postgresql://user@host/db\" (install "
+                         "droidpool[postgres]; put the password in DROIDPOOL_STORE_URL or ~/.pgpass, not here); "
+                         "empty = the embedded SQLite file."},
+    )
     path: str = field(
         default="", metadata={"doc": "SQLite session store; empty = <state_dir>/sessions.db."}
     )
@@ -554,6 +560,9 @@ def _check(config: Config, sources: dict[str, dict[str, str]], environ: Mapping[
     require(config.tools.max_parked >= 0, "tools", "max_parked", "0 or more")
     require(config.tools.max_parked_per_key >= 0, "tools", "max_parked_per_key", "0 or more")
     require(config.store.session_ttl_s > 0, "store", "session_ttl_s", "positive")
+    if config.store.url and not config.store.url.startswith(("postgresql://", "postgres://")):
+        # not echoed: a URL may hold a password
+        raise ConfigError(f"{source('store', 'url')}: store.url must be empty or a postgresql:// URL")
     pr = config.pricing
     require(all(m >= 0 for m in pr.multipliers.values()), "pricing", "multipliers", "0 or more each")
     require(0 <= pr.cached_factor <= 1, "pricing", "cached_factor", "between 0 and 1")

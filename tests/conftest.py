@@ -64,6 +64,23 @@ def real_droid_path() -> str | None:
 
 
 @pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """One real PostgreSQL server for the whole run (tests/pgserver.py); each test takes its own
+    database with ``postgres_server.database()``."""
+    from tests.pgserver import PostgresServer, binaries
+
+    if binaries() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is required in CI; tests/run.sh installs Debian's postgresql")
+        pytest.skip("PostgreSQL not installed (Debian: apt-get install postgresql)")
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def real_droid() -> str:
     path = real_droid_path()
     if path is None:

@@ -13,12 +13,14 @@ AGENTS_PREFIX="${AGENTS_PREFIX:-$PWD/.cache/agents}"
 
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
 
-# System packages some tests use: curl, and Chromium for the real-browser test (Debian's).
+# System packages some tests use: curl, Chromium for the real-browser test, PostgreSQL (Debian's).
 # Installed when apt-get may be used (root, or sudo without a password); otherwise those
 # tests are skipped, and under CI=true they fail.
 missing=()
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+# PostgreSQL's server binaries for the shared-store tests (tests/pgserver.py starts its own server).
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 if [ "${#missing[@]}" -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo="sudo -n"; fi

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import structlog
 
@@ -110,6 +110,13 @@ class Sessions:
                     "previous_turn" if request.previous_turn_id is not None else "conversation_id"),
             ) from None
 
+    @asynccontextmanager
+    async def lock(self, name: str) -> AsyncIterator[None]:
+        """Serialize everything done to one session (or conversation id): in this process, then
+        across the nodes sharing the store."""
+        async with self.pool.session_lock(name), self.store.hold(name):
+            yield
+
     async def lease_new(self, want: Want, request: TurnRequest, access: Access, stack: AsyncExitStack) -> Worker:
         """A worker with a new session, recorded (named by the conversation key) with a turn in flight."""
         worker = await stack.enter_async_context(self.pool.lease(want))
@@ -120,7 +127,7 @@ class Sessions:
             raise errors.ConversationConflict(  # only if another process took the id meanwhile
                 f"The conversation id {key!r} names another session.", param="conversation_id"
             )
-        await stack.enter_async_context(self.pool.session_lock(worker.session_id))
+        await stack.enter_async_context(self.lock(worker.session_id))
         return worker
 
     async def _after_turn(
@@ -153,7 +160,7 @@ class Sessions:
         session on, win over a request that found the session just before.
         """
         held = AsyncExitStack()
-        await held.enter_async_context(self.pool.session_lock(session_id))
+        await held.enter_async_context(self.lock(session_id))
         try:
             record = await self.store.get(session_id)
         except BaseException:
@@ -179,7 +186,7 @@ class Sessions:
         """
         async with AsyncExitStack() as stack:
             if conversation_key is not None:
-                await stack.enter_async_context(self.pool.session_lock(key_lock(access.owner, conversation_key)))
+                await stack.enter_async_context(self.lock(key_lock(access.owner, conversation_key)))
                 if await self.store.by_key(conversation_key, access.owner) is not None:
                     raise errors.ConversationConflict(
                         f"The conversation id {conversation_key!r} already names another session.",
@@ -214,7 +221,7 @@ class Sessions:
 
     async def delete(self, session_id: str, access: Access = PUBLIC) -> bool:
         """Forget a session (after a running turn on it ends); no request reaches it again."""
-        async with self.pool.session_lock(session_id):
+        async with self.lock(session_id):
             record = await self.store.get(session_id)
             if record is None or record.owner != access.owner:
                 return False

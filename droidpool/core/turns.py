@@ -190,7 +190,7 @@ class TurnService:
         key = request.conversation_key
         if key is not None:
             # Held for the whole turn: a conversation id's first uses never race.
-            await stack.enter_async_context(self.pool.session_lock(key_lock(access.owner, key)))
+            await stack.enter_async_context(self.sessions.lock(key_lock(access.owner, key)))
         record = await self.sessions.continued(request, split, seed, access, stack)
         worker = None
         if record is not None:

@@ -38,7 +38,7 @@ from droidpool.droid.worker import LaunchSpec
 from droidpool.pool import procfs
 from droidpool.pool.policy import PoolPolicy, auto_max_workers
 from droidpool.pool.pool import Pool
-from droidpool.store import SessionStore, SqliteStore
+from droidpool.store import SessionStore, open_store
 
 from . import logs
 from .systemd import Notifier
@@ -212,7 +212,7 @@ class Daemon:
 
     async def _serve(self, spec: LaunchSpec, tg: anyio.abc.TaskGroup) -> None:
         config = self.config
-        store = SqliteStore(config.store_path, config.store.session_ttl_s)
+        store = open_store(config.store.url, config.store_path, config.store.session_ttl_s)
         await store.open()
         try:
             async with build_pool(config, spec) as pool, running_turns(config, pool, store) as turns:

@@ -1,7 +1,18 @@
 """The durable store of sessions and turns: one contract (``base``), SQLite embedded by default."""
 
+from pathlib import Path
+
 from .base import MAX_LIST_LIMIT, Page, SessionRecord, SessionStore, TurnRow, UnknownCursor
 from .sqlite import MIGRATIONS, SqliteStore
 
 __all__ = ["MAX_LIST_LIMIT", "MIGRATIONS", "Page", "SessionRecord", "SessionStore", "SqliteStore", "TurnRow",
-           "UnknownCursor"]
+           "UnknownCursor", "open_store"]
+
+
+def open_store(url: str, path: Path, ttl_s: float) -> SessionStore:
+    """The store ``store.url`` names: PostgreSQL for ``postgresql://...``, else SQLite at ``path``."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresStore
+
+        return PostgresStore(url, ttl_s)
+    return SqliteStore(path, ttl_s)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -27,6 +28,7 @@ class SessionRecord:
     failed_turns: int = 0
     owner: str = ""  # the API key's name that created it; "" without authentication
     last_turn_id: str | None = None  # the session's latest completed turn
+    node_id: str | None = None  # the node that holds its live droid worker (several nodes)
 
     @property
     def matchable(self) -> bool:
@@ -126,6 +128,19 @@ class LedgerEntry:
 
 
 @dataclass(frozen=True)
+class NodeRow:
+    """A droidpool node sharing the store: where to reach it, and when it last said it is alive."""
+
+    node_id: str
+    url: str
+    capacity: int
+    started_at: float
+    heartbeat_at: float
+    state: str = "serving"  # serving | draining
+    sessions: int = 0  # sessions whose worker it holds (when listed)
+
+
+@dataclass(frozen=True)
 class Page:
     """One page of the session list, newest update first."""
 
@@ -144,6 +159,10 @@ class SessionStore(Protocol):
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
+    def hold(self, name: str) -> AbstractAsyncContextManager[None]:
+        """Exclude every other holder of ``name`` sharing this store (other nodes); the caller
+        serializes its own process's holders first. Released if the holder's node dies."""
+        ...
 
     # reads
     async def get(self, session_id: str) -> SessionRecord | None: ...
@@ -175,5 +194,27 @@ class SessionStore(Protocol):
     async def complete_turn(self, turn: TurnRow, head_digest: str) -> None: ...
     async def fail_turn(self, turn: TurnRow, *, diverge: bool = True) -> None: ...
     async def forget_output(self, turn_id: str, owner: str) -> bool: ...
+
+    # several nodes: the registry, which node holds each session, droid's session files
+    async def heartbeat(self, node: NodeRow) -> None: ...
+    async def nodes(self) -> list[NodeRow]: ...
+    async def remove_node(self, node_id: str) -> None: ...
+    async def claim(self, session_id: str, node_id: str | None) -> None: ...
+    async def release_node(self, node_id: str) -> int: ...
+    async def save_files(self, session_id: str, appends: list[tuple[str, int, bytes]],
+                         replaces: list[tuple[str, bytes]]) -> None: ...
+    async def load_files(self, session_id: str) -> dict[str, bytes]: ...
     async def delete(self, session_id: str) -> bool: ...
     async def sweep(self) -> int: ...
+
+
+def assemble(rows: Iterable[tuple[str, int, bytes]]) -> dict[str, bytes]:
+    """Each file from its stored chunks (name, start byte, data) in order, up to the first gap."""
+    files: dict[str, bytearray] = {}
+    for name, start, data in rows:
+        buffer = files.setdefault(name, bytearray())
+        if start == len(buffer):
+            buffer += data
+        elif start + len(data) > len(buffer) >= start:  # an overlapping re-upload: its new tail
+            buffer += data[len(buffer) - start:]
+    return {name: bytes(data) for name, data in files.items()}

@@ -6,7 +6,8 @@ import builtins
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,7 +21,9 @@ from .base import (
     LedgerEntry,
     LedgerGroup,
     LedgerQuery,
+    NodeRow,
     Page,
+    assemble,
     SessionRecord,
     TurnRow,
     UnknownCursor,
@@ -105,6 +108,27 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE turns ADD COLUMN usd REAL;
     CREATE INDEX turns_finished ON turns (finished_at);
     """,
+    # v6: several nodes: the registry, the node holding each session's live worker, and droid's
+    # session files (appended chunks) so that another node can take a session over.
+    """
+    ALTER TABLE sessions ADD COLUMN node_id TEXT;
+    CREATE INDEX sessions_node ON sessions (node_id);
+    CREATE TABLE nodes (
+        node_id TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        capacity INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL,
+        state TEXT NOT NULL
+    );
+    CREATE TABLE session_files (
+        session_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        start_byte INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (session_id, name, start_byte)
+    );
+    """,
 )
 
 # The ledger's group-by dimensions, as SQL over the turns table (a fixed list: nothing a caller
@@ -122,7 +146,7 @@ _DIMENSION_SQL: dict[str, str] = {
 _COLUMNS = (
     "session_id, model, head_digest, created_at, updated_at, turns, input_tokens, output_tokens, "
     "cache_read_tokens, cache_creation_tokens, thinking_tokens, conversation_key, "
-    "parent_session_id, in_flight, diverged, failed_turns, owner, last_turn_id"
+    "parent_session_id, in_flight, diverged, failed_turns, owner, last_turn_id, node_id"
 )
 _MATCHABLE = (
     "in_flight = 0 AND diverged = 0 AND conversation_key IS NULL "
@@ -138,7 +162,7 @@ _ADD_USAGE = (
 def _record(row: tuple[Any, ...]) -> SessionRecord:
     return SessionRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], Usage(*row[6:11]),
-        row[11], row[12], bool(row[13]), bool(row[14]), row[15], row[16], row[17],
+        row[11], row[12], bool(row[13]), bool(row[14]), row[15], row[16], row[17], row[18],
     )
 
 
@@ -150,9 +174,10 @@ def _usage_params(usage: Usage) -> tuple[int, int, int, int, int]:
 class SqliteStore:
     """One SQLite connection used from worker threads, one statement at a time."""
 
-    def __init__(self, path: Path, ttl_s: float) -> None:
+    def __init__(self, path: Path, ttl_s: float, *, clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self.ttl_s = ttl_s
+        self.clock = clock
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
 
@@ -161,6 +186,11 @@ class SqliteStore:
 
     async def open(self) -> None:
         await self._run(self._open)
+
+    @asynccontextmanager
+    async def hold(self, name: str) -> AsyncIterator[None]:
+        """One node per SQLite file: the process's own locks are all it takes."""
+        yield
 
     async def close(self) -> None:
         if self._db is not None:
@@ -206,7 +236,7 @@ class SqliteStore:
         return self._db
 
     def _cutoff(self) -> float:
-        return time.time() - self.ttl_s
+        return self.clock() - self.ttl_s
 
     def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         db = self._conn()
@@ -325,7 +355,7 @@ class SqliteStore:
         owner: str = "",
     ) -> bool:
         """Record a new session; False if ``conversation_key`` already names a live session."""
-        now = time.time()
+        now = self.clock()
 
         def insert(db: sqlite3.Connection) -> bool:
             if conversation_key is not None:
@@ -369,7 +399,7 @@ class SqliteStore:
 
     async def complete_turn(self, turn: TurnRow, head_digest: str) -> None:
         """Record a completed turn and move the session's head, in one transaction."""
-        now = time.time()
+        now = self.clock()
 
         def complete(db: sqlite3.Connection) -> None:
             db.execute(
@@ -384,7 +414,7 @@ class SqliteStore:
     async def fail_turn(self, turn: TurnRow, *, diverge: bool = True) -> None:
         """A turn that reached droid but did not complete: count its tokens (droid spent them),
         keep the head, and (``diverge``) keep stateless resends off this session from now on."""
-        now = time.time()
+        now = self.clock()
 
         def fail(db: sqlite3.Connection) -> None:
             db.execute(
@@ -473,6 +503,7 @@ class SqliteStore:
 
         def delete(db: sqlite3.Connection) -> bool:
             gone = db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,)).rowcount > 0
+            db.execute("DELETE FROM session_files WHERE session_id = ?", (session_id,))
             db.execute("UPDATE turns SET output = NULL WHERE session_id = ? AND output IS NOT NULL", (session_id,))
             return bool(gone)
 
@@ -485,7 +516,56 @@ class SqliteStore:
 
         def sweep(db: sqlite3.Connection) -> int:
             swept = db.execute("DELETE FROM sessions WHERE updated_at < ?", (cutoff,)).rowcount
+            if swept:
+                db.execute("DELETE FROM session_files WHERE session_id NOT IN (SELECT session_id FROM sessions)")
             db.execute("UPDATE turns SET output = NULL WHERE finished_at < ? AND output IS NOT NULL", (cutoff,))
             return int(swept)
 
         return await self._run(self._transaction, sweep)
+
+    # --- several nodes ------------------------------------------------------------------------
+
+    async def heartbeat(self, node: NodeRow) -> None:
+        await self._run(lambda: self._conn().execute(
+            "INSERT INTO nodes (node_id, url, capacity, started_at, heartbeat_at, state) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (node_id) DO UPDATE SET url = excluded.url, capacity = excluded.capacity, "
+            "heartbeat_at = excluded.heartbeat_at, state = excluded.state",
+            (node.node_id, node.url, node.capacity, node.started_at, node.heartbeat_at, node.state)))
+
+    async def nodes(self) -> builtins.list[NodeRow]:
+        rows = await self._run(lambda: self._conn().execute(
+            "SELECT n.node_id, n.url, n.capacity, n.started_at, n.heartbeat_at, n.state, "
+            "(SELECT COUNT(*) FROM sessions s WHERE s.node_id = n.node_id) FROM nodes n ORDER BY n.node_id").fetchall())
+        return [NodeRow(*r) for r in rows]
+
+    async def remove_node(self, node_id: str) -> None:
+        await self._run(lambda: self._conn().execute("DELETE FROM nodes WHERE node_id = ?", (node_id,)))
+
+    async def claim(self, session_id: str, node_id: str | None) -> None:
+        await self._run(lambda: self._conn().execute(
+            "UPDATE sessions SET node_id = ? WHERE session_id = ?", (node_id, session_id)))
+
+    async def release_node(self, node_id: str) -> int:
+        cursor = await self._run(lambda: self._conn().execute(
+            "UPDATE sessions SET node_id = NULL WHERE node_id = ?", (node_id,)))
+        return int(cursor.rowcount)
+
+    async def save_files(self, session_id: str, appends: builtins.list[tuple[str, int, bytes]],
+                         replaces: builtins.list[tuple[str, bytes]]) -> None:
+        """Append chunks of droid's growing session files (at their byte offsets: a chunk already
+        stored is kept), and replace the small ones droid rewrites, in one transaction."""
+
+        def save(db: sqlite3.Connection) -> None:
+            for name, data in replaces:
+                db.execute("DELETE FROM session_files WHERE session_id = ? AND name = ?", (session_id, name))
+                db.execute("INSERT INTO session_files VALUES (?, ?, 0, ?)", (session_id, name, data))
+            db.executemany("INSERT INTO session_files VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                           [(session_id, name, start, data) for name, start, data in appends])
+
+        await self._run(self._transaction, save)
+
+    async def load_files(self, session_id: str) -> dict[str, bytes]:
+        rows = await self._run(lambda: self._conn().execute(
+            "SELECT name, start_byte, data FROM session_files WHERE session_id = ? ORDER BY name, start_byte",
+            (session_id,)).fetchall())
+        return assemble(rows)
