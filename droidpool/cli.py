@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -14,7 +15,7 @@ import click
 import tomli_w
 
 from droidpool import __version__
-from droidpool.config import Config, ConfigError, field_docs, load
+from droidpool.config import Config, ConfigError, field_docs, load, store_url
 from droidpool.daemon import logs
 from droidpool.droid.sessions import apply_prune, droid_sessions_dir, plan_prune
 from droidpool.store import SessionStore, open_store
@@ -193,11 +194,12 @@ async def _with_store(config: Config, action: Callable[[SessionStore], Awaitable
     """Run ``action`` on the store (``store.url``, else the SQLite file); ``missing_ok``: on an
     empty one (in memory) if there is no SQLite file yet."""
     path = config.store_path
-    if not config.store.url and not path.is_file():
+    url = store_url(config, os.environ)
+    if not url and not path.is_file():
         if not missing_ok:
             raise click.ClickException(f"no session store at {path}")
         path = Path(":memory:")
-    store = open_store(config.store.url, path, config.store.session_ttl_s)
+    store = open_store(url, path, config.store.session_ttl_s)
     await store.open()
     try:
         return await action(store)
@@ -413,3 +415,28 @@ def estimate(config_path: Path | None, model: str, tokens: float, key: str | Non
     except DroidpoolError as exc:
         raise click.ClickException(exc.message) from None
     click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() if as_json else reports.estimate_text(result))
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="As JSON.")
+def nodes(config_path: Path | None, as_json: bool) -> None:
+    """The nodes sharing the store: their state, last heartbeat and the sessions they hold."""
+    import orjson
+
+    from droidpool.daemon import reports
+
+    config = _load(config_path, {})
+    found = anyio.run(_with_store, config, lambda store: store.nodes(sessions=True))
+    now = time.time()
+    rows = [{"id": n.node_id, "url": n.url, "state": n.state if now - n.heartbeat_at <= config.nodes.dead_after_s
+             else "dead", "heartbeat_age_s": round(now - n.heartbeat_at, 1), "capacity": n.capacity,
+             "sessions": n.sessions, "started_at": n.started_at} for n in found]
+    if as_json:
+        click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+    elif not rows:
+        click.echo("no nodes registered (nodes.url is not set on any node)")
+    else:
+        click.echo(reports.table(["node", "url", "state", "heartbeat", "capacity", "sessions"],
+                                 [[r["id"], r["url"], r["state"], f"{r['heartbeat_age_s']} s ago", str(r["capacity"]),
+                                   str(r["sessions"])] for r in rows]))

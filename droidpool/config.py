@@ -303,8 +303,8 @@ class StoreConfig:
     url: str = field(
         default="",
         metadata={"doc": "A shared PostgreSQL store for several nodes: \"postgresql://user@host/db\" (install "
-                         "droidpool[postgres]; put the password in DROIDPOOL_STORE_URL or ~/.pgpass, not here); "
-                         "empty = the embedded SQLite file."},
+                         "droidpool[postgres]; a URL with a password goes in the systemd credential store-url, "
+                         "DROIDPOOL_STORE_URL or ~/.pgpass, not here); empty = the embedded SQLite file."},
     )
     path: str = field(
         default="", metadata={"doc": "SQLite session store; empty = <state_dir>/sessions.db."}
@@ -316,6 +316,27 @@ class StoreConfig:
         default=True,
         metadata={"doc": "Every 10 minutes, delete droid's files of expired sessions and of sessions unknown "
                          "for session_ttl_s, with their working directories (as sessions prune-files --apply)."},
+    )
+
+
+@dataclass(frozen=True)
+class NodesConfig:
+    url: str = field(
+        default="",
+        metadata={"doc": "This node's own URL, as the other nodes reach it (\"http://10.0.0.5:8765\"): set it on "
+                         "every node sharing a PostgreSQL store.url to run them as one service; empty = one node."},
+    )
+    id: str = field(default="", metadata={"doc": "This node's name in the registry; empty = <hostname>:<port>."})
+    secret: str = field(
+        default="",
+        metadata={"doc": "The secret the nodes share to forward requests to each other (at least 16 characters); "
+                         "better in DROIDPOOL_NODES_SECRET or a systemd credential (node-secret) than here."},
+    )
+    heartbeat_s: float = field(default=2.0, metadata={"doc": "How often a node writes its heartbeat."})
+    dead_after_s: float = field(
+        default=10.0,
+        metadata={"doc": "A node whose heartbeat is older than this is dead: its sessions move to the node "
+                         "that gets their next turn."},
     )
 
 
@@ -360,6 +381,7 @@ class Config:
     pricing: PricingConfig = field(default_factory=PricingConfig)
     budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    nodes: NodesConfig = field(default_factory=NodesConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
     @property
@@ -560,9 +582,22 @@ def _check(config: Config, sources: dict[str, dict[str, str]], environ: Mapping[
     require(config.tools.max_parked >= 0, "tools", "max_parked", "0 or more")
     require(config.tools.max_parked_per_key >= 0, "tools", "max_parked_per_key", "0 or more")
     require(config.store.session_ttl_s > 0, "store", "session_ttl_s", "positive")
-    if config.store.url and not config.store.url.startswith(("postgresql://", "postgres://")):
+    shared = store_url(config, environ)
+    if shared and not shared.startswith(("postgresql://", "postgres://")):
         # not echoed: a URL may hold a password
         raise ConfigError(f"{source('store', 'url')}: store.url must be empty or a postgresql:// URL")
+    n = config.nodes
+    if n.url:
+        if not shared:
+            raise ConfigError(f"{source('nodes', 'url')}: nodes.url needs a shared store: set store.url to PostgreSQL")
+        if not n.url.startswith(("http://", "https://")):
+            raise ConfigError(f"{source('nodes', 'url')}: nodes.url must be an http:// or https:// URL")
+        secret = n.secret or _credential(environ, "node-secret")
+        if len(secret) < 16:
+            raise ConfigError(f"{source('nodes', 'secret')}: nodes.secret must be set (at least 16 characters) "
+                              "when nodes.url is")
+    require(n.heartbeat_s > 0, "nodes", "heartbeat_s", "positive")
+    require(n.dead_after_s > n.heartbeat_s, "nodes", "dead_after_s", "longer than nodes.heartbeat_s")
     pr = config.pricing
     require(all(m >= 0 for m in pr.multipliers.values()), "pricing", "multipliers", "0 or more each")
     require(0 <= pr.cached_factor <= 1, "pricing", "cached_factor", "between 0 and 1")
@@ -610,6 +645,23 @@ def _check(config: Config, sources: dict[str, dict[str, str]], environ: Mapping[
             "API keys are configured; droid can read files and run commands on this host. "
             "Configure [auth] keys, or set server.allow_non_loopback = true to serve without them"
         )
+
+
+def _credential(environ: Mapping[str, str], name: str) -> str:
+    """A systemd credential (LoadCredential=<name>:...), or ""."""
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    path = Path(directory) / name if directory else None
+    return path.read_text().strip() if path is not None and path.is_file() else ""
+
+
+def node_secret(config: Config, environ: Mapping[str, str]) -> str:
+    return config.nodes.secret or _credential(environ, "node-secret")
+
+
+def store_url(config: Config, environ: Mapping[str, str]) -> str:
+    """``store.url``, else the systemd credential ``store-url`` (a URL with a password stays out of
+    the config and the environment)."""
+    return config.store.url or _credential(environ, "store-url")
 
 
 def _is_origin(value: str) -> bool:

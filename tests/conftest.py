@@ -203,7 +203,7 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 
 def start_daemon(tmp: Path, sections: dict[str, dict[str, Any]], ready_timeout: float = 30,
                  env: dict[str, str] | None = None) -> Daemon:
-    port = free_port()
+    port = sections.get("server", {}).get("port") or free_port()
     sections = {**sections, "server": {"port": port, "state_dir": str(tmp / "state"), **sections.get("server", {})}}
     config = write_config(tmp / "droidpool.toml", sections)
     log_path = tmp / "droidpool.log"

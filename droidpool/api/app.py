@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import anyio.to_thread
 import structlog
 from aiohttp import web
@@ -23,6 +24,7 @@ from .context import (
     BODY_TIMEOUT_S,
     BROWSER,
     DEFAULT_AUTONOMY,
+    HTTP_CLIENT,
     KEEPALIVE_S,
     METRICS,
     POOL,
@@ -34,6 +36,7 @@ from .context import (
     read_json,
 )
 from .dialect import Dialect
+from .forward import from_node
 from .metrics import Metrics
 from .openai_chat import DIALECT as CHAT
 from .openai_wire import error_body as openai_error_body
@@ -108,7 +111,8 @@ async def browser_middleware(request: web.Request, handler: Handler) -> web.Stre
     """Before any work: the Host must be one we answer to, an Origin must be listed, a POST body
     must be JSON; a listed origin's preflight is answered here (see ``browser.py``)."""
     policy = request.app[BROWSER]
-    if not browser.host_allowed(policy, request.headers.get("Host")):
+    # A node forwarding a turn names the holder's internal address: its secret vouches for it.
+    if not browser.host_allowed(policy, request.headers.get("Host")) and not from_node(request, request.app[TURNS].cluster):
         raise errors.Misdirected(f"This server does not answer to the host {browser.quoted(request.headers.get('Host'))}; "
                                  "name it in server.allowed_hosts to allow it.")
     origin = request.headers.get("Origin")
@@ -188,6 +192,13 @@ async def delete_response(request: web.Request) -> web.Response:
     return json_response({"id": response_id, "object": "response", "deleted": True})
 
 
+async def _http_client(app: web.Application) -> AsyncIterator[None]:
+    """The client that forwards turns to other nodes (no pool limit: the turns bound it)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False) as http:
+        app[HTTP_CLIENT] = http
+        yield
+
+
 def build_app(
     turns: TurnService,
     pool: Pool,
@@ -213,6 +224,7 @@ def build_app(
     app[AUTH] = auth or Authenticator([])
     app[METRICS] = metrics
     app[DEFAULT_AUTONOMY] = default_autonomy
+    app.cleanup_ctx.append(_http_client)
     app.router.add_post("/v1/chat/completions", turn_route(CHAT))
     app.router.add_post("/v1/messages", turn_route(anthropic.DIALECT))
     app.router.add_post("/v1/messages/count_tokens", count_tokens)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 import anyio
 import orjson
 from aiohttp import web
@@ -26,6 +27,7 @@ AUTH: web.AppKey[Authenticator] = web.AppKey("auth", Authenticator)
 METRICS: web.AppKey[Metrics | None] = web.AppKey("metrics")
 DEFAULT_AUTONOMY: web.AppKey[str] = web.AppKey("default_autonomy", str)
 BROWSER: web.AppKey[BrowserPolicy] = web.AppKey("browser", BrowserPolicy)
+HTTP_CLIENT: web.AppKey[aiohttp.ClientSession] = web.AppKey("http_client", aiohttp.ClientSession)  # forwards
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 

@@ -98,6 +98,29 @@ class LedgerCollector(Collector):
         yield used
 
 
+class NodesCollector(Collector):
+    """Forwards, takeovers and session-file restores of this node, with several nodes."""
+
+    def __init__(self, turns: TurnService) -> None:
+        self.turns = turns
+
+    def collect(self) -> Iterator[Metric]:
+        cluster = self.turns.cluster
+        if cluster is None:
+            return
+        events = CounterMetricFamily("droidpool_node_events",
+                                     "turns forwarded to the node holding their session, forwards that failed (the "
+                                     "turn then ran here), sessions taken over, session-file bytes stored",
+                                     labels=["event"])
+        for event in ("forwards", "forward_failures", "takeovers", "files_saved_bytes", "files_save_failed"):
+            events.add_metric([event], cluster.counters[event])
+        yield events
+        yield CounterMetricFamily("droidpool_takeover_seconds", "time to take sessions over (restoring their files)",
+                                  value=cluster.restore_seconds[0])
+        yield GaugeMetricFamily("droidpool_store_ok", "1 while the last heartbeat reached the shared store",
+                                value=int(cluster.store_ok))
+
+
 class Metrics:
     """One registry per daemon (no global state), scraped at GET /metrics."""
 
@@ -116,6 +139,7 @@ class Metrics:
         if turns is not None:
             self.registry.register(TurnsCollector(turns))
             self.registry.register(LedgerCollector(turns))
+            self.registry.register(NodesCollector(turns))
 
     def observe(self, *, status: int, stream: bool, duration_s: float, ttft_s: float | None,
                 usage: Usage | None, dialect: str) -> None:

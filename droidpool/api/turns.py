@@ -8,12 +8,14 @@ import structlog
 from aiohttp import web
 
 from droidpool import errors
-from droidpool.core.access import access_for
+from droidpool.core.access import Access, access_for
+from droidpool.core.nodes import Forward
 from droidpool.core.turn import Turn
 
 from .context import (
     AUTH,
     DEFAULT_AUTONOMY,
+    HTTP_CLIENT,
     KEEPALIVE_S,
     METRICS,
     PRINCIPAL,
@@ -23,6 +25,7 @@ from .context import (
     read_json,
 )
 from .dialect import Dialect, Encoder, Parsed
+from .forward import ForwardFailed, forward, from_node
 from .sse import SSE_HEADERS, SSEWriter
 
 log = structlog.get_logger(__name__)
@@ -38,11 +41,28 @@ async def serve_turn(request: web.Request, dialect: Dialect) -> web.StreamRespon
         raise errors.Forbidden(f"This API key may not use the model {turn_request.model!r}.",
                                param="model", code="model_not_allowed")
     access = access_for(principal, request.headers.get("X-Droid-Autonomy") or None, request.app[DEFAULT_AUTONOMY])
+    local = from_node(request, service.cluster)  # forwarded by another node: served here, whatever
+    while True:
+        try:
+            return await _serve(request, dialect, parsed, access, local, started)
+        except Forward as target:
+            assert service.cluster is not None
+            try:
+                return await forward(request, service.cluster, target, dialect, request.app[HTTP_CLIENT])
+            except ForwardFailed:
+                local = True  # the holder is gone: take the session over here
+
+
+async def _serve(request: web.Request, dialect: Dialect, parsed: Parsed, access: Access, local: bool,
+                 started: float) -> web.StreamResponse:
+    turn_request = parsed.turn
+    principal = request[PRINCIPAL]
+    service = request.app[TURNS]
     status, http_status = "ok", 200
     turn: Turn | None = None
     try:
         with request.app[AUTH].admit(principal):
-            async with service.turn(turn_request, access) as turn:
+            async with service.turn(turn_request, access, local=local) as turn:
                 encoder = dialect.encoder(turn, parsed)
                 if turn_request.stream:
                     response, failure = await _stream(request, turn, encoder, parsed)
@@ -63,12 +83,15 @@ async def serve_turn(request: web.Request, dialect: Dialect) -> web.StreamRespon
     except ConnectionResetError:
         status, http_status = "client_disconnected", 499
         raise
+    except Forward:
+        status, http_status = "forwarded", 0
+        raise
     finally:
         usage = turn.usage if turn is not None else None
         ttft = (turn.first_token_at - started) if turn is not None and turn.first_token_at else None
         duration = time.monotonic() - started
         metrics = request.app[METRICS]
-        if metrics is not None:
+        if metrics is not None and status != "forwarded":
             metrics.observe(status=http_status, stream=turn_request.stream, duration_s=duration, ttft_s=ttft,
                             usage=usage, dialect=dialect.name)
         log.info(

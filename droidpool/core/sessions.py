@@ -38,18 +38,26 @@ class Sessions:
         turn parked on it, whose driver holds that lock)."""
         if request.session_id is not None:
             return request.session_id
+        record = await self.peek(request, seed, access)
+        return record.session_id if record is not None else None
+
+    async def peek(self, request: TurnRequest, seed: str, access: Access) -> SessionRecord | None:
+        """The session record ``request`` names or resends, read without any lock (to route the
+        request to the node holding it; the decision is checked again under the lock)."""
+        if request.session_id is not None:
+            return await self.store.get(request.session_id)
         if request.previous_turn_id is not None:
             previous = await self.store.get_turn(request.previous_turn_id, access.owner)
-            return previous.session_id if previous is not None else None
+            return await self.store.get(previous.session_id) if previous is not None else None
         if request.conversation_key is not None:
             named = await self.store.by_key(request.conversation_key, access.owner)
             if named is not None:
-                return named.session_id
+                return named
         history = conversation.split(request.messages).history
         if not history:
             return None
         found = await self.store.find_head(conversation.extend(seed, history))
-        return found.session_id if found is not None and found.owner == access.owner else None
+        return found if found is not None and found.owner == access.owner else None
 
     async def continued(
         self, request: TurnRequest, split: conversation.Split, seed: str, access: Access, stack: AsyncExitStack

@@ -33,6 +33,7 @@ from . import conversation
 from .access import PUBLIC, Access
 from .catalog import Catalog
 from .ledger import Ledger
+from .nodes import Cluster, Forward, route
 from .model import Message, Text, ToolResult, TurnRequest, TurnResult
 from .output import Accumulator
 from .sessions import Sessions, key_lock
@@ -83,6 +84,7 @@ class TurnService:
         broker: ToolBroker | None = None,
         tool_limits: ToolLimits | None = None,
         ledger: Ledger | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.pool = pool
         self.store = store
@@ -92,6 +94,7 @@ class TurnService:
         self.broker = broker if broker is not None else ToolBroker()
         self.tool_limits = tool_limits or ToolLimits()
         self.ledger = ledger if ledger is not None else Ledger(store, catalog)
+        self.cluster = cluster  # None: a single node
         self.sessions = Sessions(pool, store, base_settings)
         self.parked: dict[str, Run] = {}  # session id → its parked turn
         self.counters: Counter[str] = Counter()
@@ -115,7 +118,7 @@ class TurnService:
     # --- a turn ------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def turn(self, request: TurnRequest, access: Access = PUBLIC) -> AsyncIterator[Turn]:
+    async def turn(self, request: TurnRequest, access: Access = PUBLIC, *, local: bool = False) -> AsyncIterator[Turn]:
         """A turn for ``request``, to read in the block: a new droid turn, or the parked one the
         request brings tool results for.
 
@@ -125,11 +128,15 @@ class TurnService:
         Leaving the block before the turn completes interrupts it; a turn that reached droid
         and was not recorded counts as failed (``store.fail_turn``). Before anything reaches
         droid, the model must have a price (or be allowed without one) and the caller must be
-        within its budgets.
+        within its budgets. With several nodes, a session held by another live node raises
+        ``Forward`` (unless ``local``: a forwarded request, or one whose forward failed), and one
+        held by no live node is taken over here.
         """
         if request.tools and request.tool_choice == "auto" and not self.broker.enabled:
             raise errors.InvalidRequest("Client tools are turned off on this server (tools.enabled = false); "
                                         "send the request without tools.", param="tools")
+        if self.cluster is not None and not local:
+            await self._forward_early(request, access)
         model_id, effort = self.catalog.resolve_with_effort(
             request.model, request.reasoning_effort, exact=request.effort_is_exact)
         if effort != request.reasoning_effort:
@@ -138,17 +145,17 @@ class TurnService:
         await self.ledger.admit(access.owner)
         run = await self._resume(request, access)
         if run is None:
-            run = await self._start(request, model_id, access)
+            run = await self._start(request, model_id, access, local)
         try:
             yield run.turn
         finally:
             await self._leave(run)
 
-    async def _start(self, request: TurnRequest, model_id: str, access: Access) -> Run:
+    async def _start(self, request: TurnRequest, model_id: str, access: Access, local: bool) -> Run:
         if self._tg is None:
             raise errors.Unavailable("droidpool is shutting down", retry_after=5)
         start = _Start()
-        self._tg.start_soon(self._drive, start, request, model_id, access)
+        self._tg.start_soon(self._drive, start, request, model_id, access, local)
         try:
             await start.ready.wait()
         except BaseException:
@@ -160,13 +167,13 @@ class TurnService:
         assert start.run is not None
         return start.run
 
-    async def _drive(self, start: _Start, request: TurnRequest, model_id: str, access: Access) -> None:
+    async def _drive(self, start: _Start, request: TurnRequest, model_id: str, access: Access, local: bool) -> None:
         """The task that owns one droid turn: its locks, its lease, the turn itself."""
         try:
             with anyio.CancelScope() as scope:
                 start.scope = scope
                 async with AsyncExitStack() as stack:
-                    run = await self._open(request, model_id, access, stack)
+                    run = await self._open(request, model_id, access, stack, local)
                     start.run = run
                     start.ready.set()
                     await run.release.wait()
@@ -182,7 +189,8 @@ class TurnService:
                 start.run.finished.set()
             start.ready.set()
 
-    async def _open(self, request: TurnRequest, model_id: str, access: Access, stack: AsyncExitStack) -> Run:
+    async def _open(self, request: TurnRequest, model_id: str, access: Access, stack: AsyncExitStack,
+                    local: bool = False) -> Run:
         """Find the session, lease a worker, start the droid turn (all held on ``stack``)."""
         split = conversation.split(request.messages)
         # Each owner's stateless histories live in their own digest space.
@@ -192,6 +200,8 @@ class TurnService:
             # Held for the whole turn: a conversation id's first uses never race.
             await stack.enter_async_context(self.sessions.lock(key_lock(access.owner, key)))
         record = await self.sessions.continued(request, split, seed, access, stack)
+        if record is not None and self.cluster is not None:
+            await self._place(record, local)
         worker = None
         if record is not None:
             want = self._want(model_id, request, None, access, record.session_id)
@@ -213,6 +223,8 @@ class TurnService:
             worker = await self.sessions.lease_new(want, request, access, stack)
             assert worker.session_id is not None
             session_id = worker.session_id
+            if self.cluster is not None:
+                await self.cluster.claim_new(session_id)
             self.broker.rename(placeholder, session_id)
             base = seed
             sent = (*split.history, *split.new)
@@ -372,6 +384,7 @@ class TurnService:
             turn.request.dialect, kept, droid_model=turn.model_id, conversation_key=turn.request.conversation_key))
         with anyio.CancelScope(shield=True):
             await self.store.complete_turn(row, head)
+            await self._save_files(turn.session_id)
         self.ledger.recorded(row)
         turn.head = head
         turn.ledger_row = row
@@ -394,8 +407,47 @@ class TurnService:
             droid_model=model_id, conversation_key=asked.conversation_key))
         with anyio.CancelScope(shield=True):
             await self.store.fail_turn(row, diverge=not (turn is not None and turn.parked))
+            await self._save_files(session_id)
         self.ledger.recorded(row)
         log.info("turn.failed" if row.status == "failed" else "turn.park_ended", session=session_id)
+
+    # --- several nodes -------------------------------------------------------------------------
+
+    async def _forward_early(self, request: TurnRequest, access: Access) -> None:
+        """A session another live node holds: forward at once, before any lock or budget check
+        here (the holder does them). A race with a move is settled by ``_place``, under the lock."""
+        assert self.cluster is not None
+        record = await self.sessions.peek(request, conversation.seed(request.system, namespace=access.owner), access)
+        if record is None or record.node_id in (None, self.cluster.node_id) or record.owner != access.owner:
+            return
+        decision = route(record.node_id, self.cluster.node_id, self.cluster.nodes, self.cluster.clock(),
+                         self.cluster.dead_after_s)
+        if decision.route == "forward":
+            assert decision.url is not None and decision.holder is not None
+            self.cluster.counters["forwards"] += 1
+            raise Forward(decision.url, decision.holder)
+
+    async def _place(self, record: SessionRecord, local: bool) -> None:
+        """Run here, forward to the node holding the session, or take it over (under its lock)."""
+        assert self.cluster is not None
+        decision = await self.cluster.decide(record.node_id)
+        if decision.route == "forward" and not local:
+            assert decision.url is not None and decision.holder is not None
+            self.cluster.counters["forwards"] += 1
+            raise Forward(decision.url, decision.holder)
+        if decision.route != "local" or record.node_id != self.cluster.node_id:
+            if await self.cluster.take_over(record.session_id, record.node_id):
+                self.pool.forget_session(record.session_id)  # a worker here may hold an older copy
+
+    async def _save_files(self, session_id: str) -> None:
+        """With several nodes, droid's files of the session go to the store after every turn."""
+        if self.cluster is None:
+            return
+        try:
+            await self.cluster.save(session_id)
+        except Exception as exc:  # noqa: BLE001 - the turn stands; another node may lack it
+            self.cluster.counters["files_save_failed"] += 1
+            log.error("nodes.files_save_failed", session=session_id, error=str(exc))
 
     # --- sessions ----------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -18,10 +19,11 @@ from droidpool.api.app import build_app
 from droidpool.api.browser import BrowserPolicy
 from droidpool.api.mcp import build_mcp_app
 from droidpool.api.metrics import Metrics
-from droidpool.config import Config, ConfigError
+from droidpool.config import Config, ConfigError, node_secret, store_url
 from droidpool.core.access import Authenticator, load_keys
 from droidpool.core.catalog import Catalog
 from droidpool.core.ledger import Ledger
+from droidpool.core.nodes import Cluster
 from droidpool.core.pricing import Pricing
 from droidpool.core.tools import ToolBroker, offered_directly
 from droidpool.core.turn import Deadlines
@@ -71,7 +73,18 @@ def tool_limits(config: Config) -> ToolLimits:
     return ToolLimits(park_timeout_s=t.park_timeout_s, max_parked=t.max_parked, max_parked_per_key=t.max_parked_per_key)
 
 
-def build_turns(config: Config, pool: Pool, store: SessionStore, broker: ToolBroker | None = None) -> TurnService:
+def build_cluster(config: Config, pool: Pool, store: SessionStore) -> Cluster | None:
+    """This node among those sharing the store, if ``nodes.url`` is set."""
+    n = config.nodes
+    if not n.url:
+        return None
+    node_id = n.id or f"{socket.gethostname()}:{config.server.port}"
+    return Cluster(store, node_id, n.url.rstrip("/"), node_secret(config, os.environ), Path(pool.spec.sessions_dir),
+                   capacity=pool.max_workers, heartbeat_s=n.heartbeat_s, dead_after_s=n.dead_after_s)
+
+
+def build_turns(config: Config, pool: Pool, store: SessionStore, broker: ToolBroker | None = None,
+                cluster: Cluster | None = None) -> TurnService:
     catalog = Catalog(
         lambda: pool.available_models,
         configured=[m.id for m in config.pool.models],
@@ -79,7 +92,7 @@ def build_turns(config: Config, pool: Pool, store: SessionStore, broker: ToolBro
         aliases=config.models.aliases,
     )
     return TurnService(pool, store, base_settings(config), catalog, deadlines(config), broker, tool_limits(config),
-                       build_ledger(config, store, catalog))
+                       build_ledger(config, store, catalog), cluster)
 
 
 def pricing(config: Config) -> Pricing:
@@ -124,10 +137,26 @@ async def running_turns(config: Config, pool: Pool, store: SessionStore) -> Asyn
                             detail="droid may hide client tools behind ToolSearch (an extra LLM round trip); "
                                    "droidpool_tool_events_total{event=\"tools_deferred\"} counts the turns it happens in",
                             exemptions=exemptions)
-        turns = build_turns(config, pool, store, broker)
+        cluster = build_cluster(config, pool, store)
+        turns = build_turns(config, pool, store, broker, cluster)
         await turns.ledger.sync()  # the budgets' windows are read now, not by the first request
         async with turns.running():
-            yield turns
+            if cluster is None:
+                yield turns
+                return
+            await cluster.beat()
+            log.info("nodes.joined", node=cluster.node_id, url=cluster.url, nodes=sorted(cluster.nodes))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cluster.run)
+                try:
+                    yield turns
+                finally:
+                    tg.cancel_scope.cancel()
+                    with anyio.CancelScope(shield=True):
+                        try:
+                            await cluster.leave()
+                        except Exception as exc:  # noqa: BLE001 - the store is down: others see it dead
+                            log.error("nodes.leave_failed", node=cluster.node_id, error=str(exc))
 
 
 async def serve(config: Config, reload: Callable[[], Config] | None = None) -> None:
@@ -212,7 +241,7 @@ class Daemon:
 
     async def _serve(self, spec: LaunchSpec, tg: anyio.abc.TaskGroup) -> None:
         config = self.config
-        store = open_store(config.store.url, config.store_path, config.store.session_ttl_s)
+        store = open_store(store_url(config, os.environ), config.store_path, config.store.session_ttl_s)
         await store.open()
         try:
             async with build_pool(config, spec) as pool, running_turns(config, pool, store) as turns:
@@ -240,6 +269,9 @@ class Daemon:
                     tg.start_soon(_sweep, store, pool, config)
                     await self._stop.wait()
                     log.info("droidpool.stopping", pool=repr(pool))
+                    if turns.cluster is not None:  # the other nodes stop forwarding here
+                        turns.cluster.state = "draining"
+                        await turns.cluster.beat()
                     self.notifier.send(stopping=1, status="draining")
                     pool.begin_drain()
                 finally:

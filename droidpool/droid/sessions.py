@@ -254,3 +254,47 @@ def apply_prune(plan: PrunePlan) -> None:
             session.paths[0].parent.rmdir()
     for path in plan.workdirs:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# --- portable sessions: droid's files copied verbatim between nodes -----------------------------
+
+GROWING = ".jsonl"  # droid only appends to it
+REWRITTEN = ".settings.json"  # small; droid rewrites it
+
+
+def session_file_paths(sessions_dir: Path, session_id: str) -> dict[str, Path]:
+    """A session's files, by their path relative to ``sessions_dir`` (``<folder>/<id>.jsonl`` and
+    ``<folder>/<id>.settings.json``)."""
+    out: dict[str, Path] = {}
+    for suffix in (GROWING, REWRITTEN):
+        for path in sessions_dir.glob(f"*/{session_id}{suffix}"):
+            out[str(path.relative_to(sessions_dir))] = path
+    return out
+
+
+def complete_lines(data: bytes) -> bytes:
+    """``data`` up to its last newline: a line droid is still writing is left for next time."""
+    end = data.rfind(b"\n")
+    return data[: end + 1] if end >= 0 else b""
+
+
+def restore_session_files(sessions_dir: Path, files: Mapping[str, bytes]) -> Path | None:
+    """Write a session's stored files under ``sessions_dir`` as they were (each atomically), and
+    create the working directory its ``session_start`` line names; that directory, if any."""
+    cwd: Path | None = None
+    for name, data in files.items():
+        target = (sessions_dir / name).resolve()
+        if sessions_dir.resolve() not in target.parents:
+            raise ValueError(f"a stored session file escapes the sessions directory: {name!r}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(target, data)
+        if name.endswith(GROWING) and cwd is None:
+            try:
+                start = json.loads(data.split(b"\n", 1)[0])
+            except ValueError:
+                continue
+            if isinstance(start, dict) and isinstance(start.get("cwd"), str):
+                cwd = Path(start["cwd"])
+    if cwd is not None:
+        cwd.mkdir(parents=True, exist_ok=True)
+    return cwd

@@ -37,6 +37,7 @@ RECENTLY_USED_S = 5.0
 SessionMode = Literal["minted", "fresh"]
 StopReason = Literal[
     "recycle_turns", "recycle_rss", "idle_ttl", "spare_age", "memory", "room_for_spare", "reconfigured",
+    "stale_session",
 ]
 
 

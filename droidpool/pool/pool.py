@@ -561,6 +561,13 @@ class Pool:
                 await self._wake_reconcile.wait()
             self._wake_reconcile = anyio.Event()
 
+    def forget_session(self, session_id: str) -> None:
+        """Another node ran turns on this session: a worker here that holds it is stale; retire it
+        (the next turn loads the session from its restored files)."""
+        for worker in self.workers:
+            if worker.session_id == session_id:
+                self._retire_soon(worker, "stale_session")
+
     def _retire_soon(self, worker: Worker, reason: StopReason) -> None:
         """Stop an idle worker or a spare in the background; a busy one is left alone."""
         if worker.state not in (WorkerState.IDLE, WorkerState.READY):

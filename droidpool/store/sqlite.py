@@ -532,10 +532,12 @@ class SqliteStore:
             "heartbeat_at = excluded.heartbeat_at, state = excluded.state",
             (node.node_id, node.url, node.capacity, node.started_at, node.heartbeat_at, node.state)))
 
-    async def nodes(self) -> builtins.list[NodeRow]:
+    async def nodes(self, sessions: bool = False) -> builtins.list[NodeRow]:
+        """The registry; with ``sessions``, how many sessions each node holds (a count per node)."""
+        count = "(SELECT COUNT(*) FROM sessions s WHERE s.node_id = n.node_id)" if sessions else "0"
         rows = await self._run(lambda: self._conn().execute(
             "SELECT n.node_id, n.url, n.capacity, n.started_at, n.heartbeat_at, n.state, "
-            "(SELECT COUNT(*) FROM sessions s WHERE s.node_id = n.node_id) FROM nodes n ORDER BY n.node_id").fetchall())
+            f"{count} FROM nodes n ORDER BY n.node_id").fetchall())
         return [NodeRow(*r) for r in rows]
 
     async def remove_node(self, node_id: str) -> None:

@@ -264,7 +264,7 @@ async def test_nodes_register_hold_sessions_and_keep_their_files(backend: tuple[
     for session in ("s1", "s2"):
         await a.create(session, "m")
         await a.claim(session, "node-a")
-    nodes = {n.node_id: n for n in await b.nodes()}
+    nodes = {n.node_id: n for n in await b.nodes(sessions=True)}
     assert (nodes["node-a"].heartbeat_at, nodes["node-a"].state, nodes["node-a"].sessions) == (clock.now + 5,
                                                                                                  "draining", 2)
     assert nodes["node-b"].sessions == 0
