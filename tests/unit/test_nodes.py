@@ -184,3 +184,52 @@ def test_droidpool_nodes_lists_the_registry(tmp_path: Path) -> None:
     assert (rows["a"]["state"], rows["a"]["sessions"]) == ("serving", 1) and rows["b"]["state"] == "dead"
     result = CliRunner().invoke(main, ["nodes", "--config", str(config)])
     assert "http://10.0.0.5:8765" in result.output and "dead" in result.output
+
+
+@pytest.mark.timeout(120)
+def test_nodes_racing_on_one_new_conversation_and_a_holder_dying_mid_stream(tmp_path: Path,
+                                                                            postgres_server: Any) -> None:
+    import threading
+
+    url = postgres_server.database()
+    home = tmp_path / "home"
+    home.mkdir()
+    a = start_node(tmp_path, "a", url, home)
+    b = start_node(tmp_path, "b", url, home)
+    try:
+        # the same new conversation id at both nodes at once: one session, both turns on it
+        results: list[tuple[int, str, str]] = []
+
+        def send(node: Daemon, text: str) -> None:
+            status, body, headers = chat(node, {"model": MODEL, "messages": [{"role": "user", "content": text}]},
+                                         **{"X-Conversation-Id": "race"})
+            results.append((status, headers["X-Session-Id"], body["choices"][0]["message"]["content"]))
+
+        threads = [threading.Thread(target=send, args=(node, f"hello from {node.port} [[slow:50]]"))
+                   for node in (a, b)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert [r[0] for r in results] == [200, 200]
+        assert results[0][1] == results[1][1]  # one session
+        assert sorted("[turns=1]" in r[2] for r in results) == [False, True]  # one after the other
+
+        # a dies while b relays its stream: the client gets an in-band error, then the end
+        request = urllib.request.Request(
+            f"{b.base_url}/v1/chat/completions",
+            json.dumps({"model": MODEL, "stream": True,
+                        "messages": [{"role": "user", "content": "slowly [[slow:400]]"}]}).encode(),
+            {"Content-Type": "application/json", "X-Conversation-Id": "race"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.headers["X-Droidpool-Node"] == "a"
+            first = response.readline()
+            while not first.startswith(b"data: "):
+                first = response.readline()
+            a.process.send_signal(signal.SIGKILL)
+            rest = response.read().decode()
+        assert '"code":"worker_crashed"' in rest.replace(" ", "") and rest.rstrip().endswith("data: [DONE]")
+    finally:
+        for node in (a, b):
+            if node.process.poll() is None:
+                node.stop()
