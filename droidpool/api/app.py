@@ -193,8 +193,10 @@ async def delete_response(request: web.Request) -> web.Response:
 
 
 async def _http_client(app: web.Application) -> AsyncIterator[None]:
-    """The client that forwards turns to other nodes (no pool limit: the turns bound it)."""
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False) as http:
+    """The client that forwards turns to other nodes (no pool limit: the turns bound it). A fresh
+    connection each time: failing to connect then means the holder never saw the request."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                                     auto_decompress=False) as http:
         app[HTTP_CLIENT] = http
         yield
 

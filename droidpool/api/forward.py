@@ -24,31 +24,38 @@ HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encod
 CONNECT_TIMEOUT_S = 2.0
 
 
-class ForwardFailed(Exception):  # noqa: N818 - the caller serves the turn itself instead
-    """The holder could not be reached before any answer: it is treated as gone."""
+class ForwardFailed(Exception):
+    """The holder could not be connected to: it is treated as gone (nothing reached it)."""
 
 
 def from_node(request: web.Request, cluster: Cluster | None) -> bool:
     """Did another node forward this request (it carries our shared secret)?"""
     presented = request.headers.get(NODE_SECRET_HEADER)
     return cluster is not None and presented is not None and hmac.compare_digest(
-        presented.encode(), cluster.secret.encode())
+        presented.encode("utf-8", "surrogateescape"), cluster.secret.encode())
 
 
 async def forward(request: web.Request, cluster: Cluster, target: Forward, dialect: Dialect,
                   http: aiohttp.ClientSession) -> web.StreamResponse:
     body = await request.read()  # already read (and cached) by the turn handler
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP and k != NODE_SECRET_HEADER}
+    lost = errors.WorkerCrashed(f"The node {target.node_id} that ran this turn stopped answering.")
+    headers = {k: v for k, v in request.headers.items()
+               if k.lower() not in HOP and k.lower() != NODE_SECRET_HEADER.lower()}
     headers[NODE_SECRET_HEADER] = cluster.secret
     headers[FORWARDED_BY_HEADER] = cluster.node_id
     try:
         upstream = await http.post(target.url + request.path_qs, data=body, headers=headers,
                                    timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S,
                                                                  sock_connect=CONNECT_TIMEOUT_S))
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+    except (aiohttp.ClientConnectorError, TimeoutError) as exc:  # nothing reached the holder
         cluster.counters["forward_failures"] += 1
         log.warning("nodes.forward_failed", node=target.node_id, url=target.url, error=str(exc))
         raise ForwardFailed(str(exc)) from None
+    except aiohttp.ClientError as exc:
+        # The holder had the request and went away before answering: running the turn again
+        # here could repeat what droid did, so the client hears of it instead.
+        log.warning("nodes.forward_lost", node=target.node_id, error=str(exc))
+        raise lost from None
     async with upstream:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         for name, value in upstream.headers.items():
@@ -56,15 +63,20 @@ async def forward(request: web.Request, cluster: Cluster, target: Forward, diale
                 response.headers.add(name, value)
         response.headers["X-Droidpool-Node"] = target.node_id
         await response.prepare(request)
-        try:
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-        except (aiohttp.ClientError, OSError) as exc:
-            # The holder died mid-answer: the client is told in-band, as for a crashed worker.
-            log.warning("nodes.forward_cut", node=target.node_id, error=str(exc))
-            if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-                await response.write(stream_error(dialect, errors.WorkerCrashed(
-                    f"The node {target.node_id} that ran this turn stopped answering.")))
+        while True:
+            try:
+                chunk = await upstream.content.readany()
+            except (aiohttp.ClientError, OSError) as exc:
+                log.warning("nodes.forward_cut", node=target.node_id, error=str(exc))
+                if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+                    await response.write(stream_error(dialect, lost))  # in-band, as for a crashed worker
+                    break
+                if request.transport is not None:
+                    request.transport.close()  # a body cut short must not look complete
+                return response
+            if not chunk:
+                break
+            await response.write(chunk)  # the client going away raises here, as for any stream
         await response.write_eof()
         return response
 
@@ -72,9 +84,10 @@ async def forward(request: web.Request, cluster: Cluster, target: Forward, diale
 def stream_error(dialect: Dialect, error: errors.DroidpoolError) -> bytes:
     """An error event that ends a stream in the dialect's own way."""
     _, body = dialect.error_body(error)
+    # It starts a new event whatever the holder was in the middle of writing.
     if dialect.name == "openai":
-        return b"data: " + orjson.dumps(body) + b"\n\ndata: [DONE]\n\n"
+        return b"\n\ndata: " + orjson.dumps(body) + b"\n\ndata: [DONE]\n\n"
     if dialect.name == "anthropic":
-        return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
+        return b"\n\nevent: error\ndata: " + orjson.dumps(body) + b"\n\n"
     event: dict[str, Any] = {"type": "error", **body.get("error", {})}
-    return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
+    return b"\n\nevent: error\ndata: " + orjson.dumps(event) + b"\n\n"

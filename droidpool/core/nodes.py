@@ -4,6 +4,7 @@ shared store so that any node can take a session over."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -14,12 +15,18 @@ from typing import Literal
 import anyio
 import structlog
 
-from droidpool.droid.sessions import GROWING, complete_lines, restore_session_files, session_file_paths
+from droidpool.droid.sessions import (
+    GROWING,
+    complete_lines,
+    restore_session_files,
+    session_file_paths,
+)
 from droidpool.store.base import NodeRow, SessionStore
 
 log = structlog.get_logger(__name__)
 
 Route = Literal["local", "forward", "takeover"]
+MAX_TRACKED = 10_000  # sessions whose stored file sizes a node remembers
 NODE_SECRET_HEADER = "X-Droidpool-Node-Secret"
 FORWARDED_BY_HEADER = "X-Droidpool-Forwarded-By"
 
@@ -42,7 +49,7 @@ def route(holder: str | None, me: str, nodes: Mapping[str, NodeRow], now: float,
     return Decision("forward", node.url, holder)
 
 
-class Forward(Exception):  # noqa: N818 - a signal to the HTTP layer, not a failure
+class Forward(Exception):
     """This request's session is held by a live node at ``url``: the HTTP layer forwards it."""
 
     def __init__(self, url: str, node_id: str) -> None:
@@ -116,12 +123,10 @@ class Cluster:
         files = await self.store.load_files(session_id)
         restored = False
         if files:
-            local = session_file_paths(self.sessions_dir, session_id)
-            if any(name not in local or local[name].stat().st_size != len(data) or local[name].read_bytes() != data
-                   for name, data in files.items()):
+            if not await anyio.to_thread.run_sync(_same_files, self.sessions_dir, session_id, files):
                 await anyio.to_thread.run_sync(restore_session_files, self.sessions_dir, files)
                 restored = True
-            self._uploaded[session_id] = {name: len(data) for name, data in files.items() if name.endswith(GROWING)}
+            self._remember(session_id, {name: len(data) for name, data in files.items() if name.endswith(GROWING)})
         await self.store.claim(session_id, self.node_id)
         elapsed = time.monotonic() - started
         self.restore_seconds[0] += elapsed
@@ -140,20 +145,24 @@ class Cluster:
         """Store what droid appended to the session's files since the last save (whole lines), and
         its small settings file; the bytes stored."""
         files = session_file_paths(self.sessions_dir, session_id)
-        known = self._uploaded.setdefault(session_id, {})
+        known = self._uploaded.get(session_id)
+        if known is None:  # first save in this process (a restart keeps its sessions): what is stored
+            kept = await self.store.load_files(session_id)
+            known = self._remember(session_id, {n: len(d) for n, d in kept.items() if n.endswith(GROWING)})
         appends: list[tuple[str, int, bytes]] = []
         replaces: list[tuple[str, bytes]] = []
         for name, path in files.items():
-            data = await anyio.to_thread.run_sync(path.read_bytes)
             if not name.endswith(GROWING):
-                replaces.append((name, data))
+                replaces.append((name, await anyio.to_thread.run_sync(path.read_bytes)))
                 continue
             start = known.get(name, 0)
-            if len(data) < start:  # droid rewrote it shorter: store it whole again
-                replaces.append((name, complete_lines(data)))
-                known[name] = len(complete_lines(data))
+            size, tail = await anyio.to_thread.run_sync(_read_from, path, start)
+            if size < start:  # droid rewrote it shorter: store it whole again
+                whole = complete_lines(await anyio.to_thread.run_sync(path.read_bytes))
+                replaces.append((name, whole))
+                known[name] = len(whole)
                 continue
-            chunk = complete_lines(data[start:])
+            chunk = complete_lines(tail)
             if chunk:
                 appends.append((name, start, chunk))
         await self.store.save_files(session_id, appends, replaces)
@@ -165,3 +174,25 @@ class Cluster:
 
     def forget(self, session_id: str) -> None:
         self._uploaded.pop(session_id, None)
+
+    def _remember(self, session_id: str, sizes: dict[str, int]) -> dict[str, int]:
+        if len(self._uploaded) >= MAX_TRACKED and session_id not in self._uploaded:
+            self._uploaded.pop(next(iter(self._uploaded)))  # the oldest: re-read from the store if needed
+        self._uploaded[session_id] = sizes
+        return sizes
+
+
+def _read_from(path: Path, start: int) -> tuple[int, bytes]:
+    """The file's size, and its bytes from ``start`` on (nothing when it is shorter)."""
+    with path.open("rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size < start:
+            return size, b""
+        handle.seek(start)
+        return size, handle.read()
+
+
+def _same_files(sessions_dir: Path, session_id: str, files: Mapping[str, bytes]) -> bool:
+    local = session_file_paths(sessions_dir, session_id)
+    return all(name in local and local[name].stat().st_size == len(data) and local[name].read_bytes() == data
+               for name, data in files.items())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import structlog
@@ -186,11 +186,15 @@ class Sessions:
                 f"The conversation id {key!r} already names another session.", param="conversation_id"
             )
 
-    async def fork(self, session_id: str, conversation_key: str | None = None, access: Access = PUBLIC) -> SessionRecord:
+    async def fork(self, session_id: str, conversation_key: str | None = None, access: Access = PUBLIC, *,
+                   prepare: Callable[[SessionRecord], Awaitable[None]] | None = None,
+                   forked: Callable[[str], Awaitable[None]] | None = None) -> SessionRecord:
         """A new session with a copy of ``session_id``'s droid history (``droid.fork_session``).
 
         The source is untouched. The fork has the source's history digest but is not continued
         by a stateless resend until it has run a turn of its own: it is meant to be used by id.
+        With several nodes, ``prepare`` brings the source here (under its lock) and ``forked``
+        makes this node the fork's holder, its files stored.
         """
         async with AsyncExitStack() as stack:
             if conversation_key is not None:
@@ -203,6 +207,8 @@ class Sessions:
             source = await self._lock(session_id, stack, lambda r: r.owner == access.owner)
             if source is None:
                 raise errors.SessionNotFound(f"No session {session_id!r} (unknown, expired or deleted).")
+            if prepare is not None:
+                await prepare(source)
             # No model in the settings: the lease loads the session and changes nothing in it.
             keep = SessionSettings(autonomy=self.base_settings.autonomy,
                                    disabled_tool_ids=self.base_settings.disabled_tool_ids)
@@ -222,6 +228,8 @@ class Sessions:
                 head_digest=source.head_digest, diverged=source.diverged or source.in_flight,
                 owner=access.owner,
             )
+            if forked is not None:
+                await forked(fork_id)
             record = await self.store.get(fork_id)
             assert record is not None
             log.info("session.forked", session=session_id, fork=fork_id)

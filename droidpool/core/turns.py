@@ -453,13 +453,26 @@ class TurnService:
 
     async def fork(self, session_id: str, conversation_key: str | None = None, access: Access = PUBLIC) -> SessionRecord:
         await self.release_session(session_id)
-        return await self.sessions.fork(session_id, conversation_key, access)
+        if self.cluster is None:
+            return await self.sessions.fork(session_id, conversation_key, access)
+        cluster = self.cluster
+
+        async def prepare(source: SessionRecord) -> None:
+            await self._place(source, local=True)  # the source's files here, whoever held it
+
+        async def forked(fork_id: str) -> None:
+            await cluster.claim_new(fork_id)
+            await self._save_files(fork_id)
+
+        return await self.sessions.fork(session_id, conversation_key, access, prepare=prepare, forked=forked)
 
     async def delete(self, session_id: str, access: Access = PUBLIC) -> bool:
         await self.release_session(session_id)
         deleted = await self.sessions.delete(session_id, access)
         if deleted:
             self.broker.forget(session_id)
+            if self.cluster is not None:
+                self.cluster.forget(session_id)
         return deleted
 
     def _settings(self, model_id: str, request: TurnRequest, system: str | None, access: Access) -> SessionSettings:

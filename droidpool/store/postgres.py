@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 import orjson
+import structlog
 
 from droidpool.droid.protocol import Usage
 
@@ -28,17 +29,20 @@ from .base import (
     LedgerQuery,
     NodeRow,
     Page,
-    assemble,
     SessionRecord,
     TurnRow,
     UnknownCursor,
+    assemble,
 )
+
+log = structlog.get_logger(__name__)
 
 try:  # the optional ``postgres`` extra
     import asyncpg
 except ImportError:  # pragma: no cover - reported when a postgresql:// store is configured
     asyncpg = None
 
+LOCK_COMMAND_TIMEOUT_S = 10.0  # a partitioned store fails a lock request instead of hanging the node
 MIGRATION_LOCK = 0x64726F69  # "droi": held while a node migrates
 LEDGER_LOCK = 0x6C656467  # "ledg": held from a ledger row's seq to its commit
 
@@ -162,31 +166,51 @@ def _usage(usage: Usage) -> tuple[int, int, int, int, int]:
 
 
 class _Locks:
-    """One connection holding a node's advisory locks; its commands one at a time."""
+    """One connection holding a node's advisory locks; its commands one at a time.
+
+    Its ``generation`` grows with each new connection: a lock taken on an older one is gone (the
+    server dropped it with that connection), which ``release`` reports."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self._conn: Any = None
         self._mutex = anyio.Lock()
+        self.generation = 0
+        self.lost = 0  # locks found gone at release
 
     async def _connection(self) -> Any:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self.url)  # a new connection holds none of the old locks
+            # A new connection holds none of the old one's locks.
+            self._conn = await asyncpg.connect(self.url, command_timeout=LOCK_COMMAND_TIMEOUT_S)
+            self._conn.add_termination_listener(self._terminated)
+            self.generation += 1
         return self._conn
 
-    async def acquire(self, key: int) -> None:
+    def _terminated(self, conn: Any) -> None:
+        log.error("store.lock_connection_lost", detail="the advisory locks this node held are gone")
+
+    async def acquire(self, key: int) -> int:
+        """Wait for ``key``; the connection generation it is held on."""
         delay = 0.002
         while True:
-            async with self._mutex:
-                if await (await self._connection()).fetchval("SELECT pg_try_advisory_lock($1)", key):
-                    return
+            # Shielded: a lock the server granted is never lost to a cancellation of the waiter
+            # (the caller's ``finally`` releases it; nothing awaits between here and there).
+            with anyio.CancelScope(shield=True):
+                async with self._mutex:
+                    conn = await self._connection()
+                    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+                        return self.generation
             await anyio.sleep(delay)
             delay = min(delay * 2, 0.05)
 
-    async def release(self, key: int) -> None:
+    async def release(self, key: int, generation: int) -> None:
         async with self._mutex:
-            if self._conn is not None and not self._conn.is_closed():
-                await self._conn.fetchval("SELECT pg_advisory_unlock($1)", key)
+            if generation != self.generation or self._conn is None or self._conn.is_closed():
+                self.lost += 1
+                log.error("store.lock_lost", detail="held on a connection that is gone: another node may have "
+                                                    "entered the same session meanwhile")
+                return
+            await self._conn.fetchval("SELECT pg_advisory_unlock($1)", key)
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -247,12 +271,12 @@ class PostgresStore:
             self._locks = _Locks(self.url)
         locks = self._locks
         key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
-        await locks.acquire(key)
+        generation = await locks.acquire(key)
         try:
             yield
         finally:
             with anyio.CancelScope(shield=True):
-                await locks.release(key)
+                await locks.release(key, generation)
 
     def _db(self) -> Any:
         if self._pool is None:

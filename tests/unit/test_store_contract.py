@@ -282,3 +282,29 @@ async def test_nodes_register_hold_sessions_and_keep_their_files(backend: tuple[
     assert await b.load_files("s2") == {}
     await b.delete("s1")
     assert await a.load_files("s1") == {}
+
+
+async def test_waits_cancelled_at_any_moment_leave_no_lock_held(postgres_server: Any) -> None:
+    """A cancelled waiter never keeps a lock the server granted just as it was cancelled."""
+    import random
+
+    from droidpool.store.postgres import PostgresStore
+
+    url = postgres_server.database()
+    ours, theirs = PostgresStore(url, TTL), PostgresStore(url, TTL)
+    await ours.open()
+    await theirs.open()
+    rng = random.Random(5)
+    try:
+        for index in range(200):
+            with anyio.move_on_after(rng.random() * 0.003):
+                async with ours.hold(f"name-{index % 7}"):
+                    await anyio.sleep(0)
+        for index in range(7):
+            with anyio.fail_after(3):
+                async with theirs.hold(f"name-{index}"):
+                    pass
+        assert ours._locks is not None and ours._locks.lost == 0
+    finally:
+        await ours.close()
+        await theirs.close()
