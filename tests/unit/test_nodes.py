@@ -240,3 +240,24 @@ def test_nodes_racing_on_one_new_conversation_and_a_holder_dying_mid_stream(tmp_
         for node in (a, b):
             if node.process.poll() is None:
                 node.stop()
+
+
+def test_droids_own_session_files_are_found_and_restored_byte_for_byte(tmp_path: Path) -> None:
+    """Recorded from droid 0.225.2 (tests/fixtures/droid_session): the folder is named after the
+    session's cwd, which the first line of its .jsonl holds; droid's .bak copy is not carried."""
+    from droidpool.droid.sessions import folder_name, restore_session_files, session_file_paths
+
+    recorded = Path(__file__).parents[1] / "fixtures" / "droid_session"
+    session_id = "cabadf2c-b8b5-4d58-919c-0e51bf4844b6"
+    files = session_file_paths(recorded, session_id)
+    assert sorted(files) == [f"-tmp-rec-work/{session_id}.jsonl", f"-tmp-rec-work/{session_id}.settings.json"]
+    start = json.loads(files[f"-tmp-rec-work/{session_id}.jsonl"].read_bytes().split(b"\n", 1)[0])
+    assert start["type"] == "session_start" and folder_name(start["cwd"]) == "-tmp-rec-work"
+    data = {name: path.read_bytes() for name, path in files.items()}
+    # restored elsewhere, with the session's cwd moved under tmp_path for the test
+    moved = {name: blob.replace(b'"cwd":"/tmp/rec/work"', f'"cwd":"{tmp_path / "work"}"'.encode(), 1)
+             for name, blob in data.items()}
+    cwd = restore_session_files(tmp_path / "sessions", moved)
+    assert cwd == tmp_path / "work" and cwd.is_dir()
+    restored = session_file_paths(tmp_path / "sessions", session_id)
+    assert {name: path.read_bytes() for name, path in restored.items()} == moved
