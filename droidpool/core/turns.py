@@ -95,6 +95,8 @@ class TurnService:
         self.tool_limits = tool_limits or ToolLimits()
         self.ledger = ledger if ledger is not None else Ledger(store, catalog)
         self.cluster = cluster  # None: a single node
+        self._drivers: set[anyio.CancelScope] = set()  # every running turn's driver
+        store.on_lock_loss(self._locks_lost)
         self.sessions = Sessions(pool, store, base_settings)
         self.parked: dict[str, Run] = {}  # session id → its parked turn
         self.counters: Counter[str] = Counter()
@@ -172,6 +174,7 @@ class TurnService:
         try:
             with anyio.CancelScope() as scope:
                 start.scope = scope
+                self._drivers.add(scope)
                 async with AsyncExitStack() as stack:
                     run = await self._open(request, model_id, access, stack, local)
                     start.run = run
@@ -183,6 +186,8 @@ class TurnService:
             else:
                 log.exception("turn.driver_failed", session=start.run.turn.session_id)
         finally:
+            if start.scope is not None:
+                self._drivers.discard(start.scope)
             if start.run is None and start.error is None:
                 start.error = errors.Unavailable("droidpool is shutting down", retry_after=5)
             if start.run is not None:
@@ -412,6 +417,14 @@ class TurnService:
         log.info("turn.failed" if row.status == "failed" else "turn.park_ended", session=session_id)
 
     # --- several nodes -------------------------------------------------------------------------
+
+    def _locks_lost(self) -> None:
+        """The store lost this node's cross-node locks: another node may enter any session now, so
+        every turn here stops (interrupted, as if its client had gone) rather than run beside it."""
+        self.counters["lock_loss_interrupts"] += len(self._drivers)
+        log.error("turn.locks_lost", interrupted=len(self._drivers))
+        for scope in list(self._drivers):
+            scope.cancel()
 
     async def _forward_early(self, request: TurnRequest, access: Access) -> None:
         """A session another live node holds: forward at once, before any lock or budget check

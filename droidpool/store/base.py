@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -159,6 +159,11 @@ class SessionStore(Protocol):
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
+    def on_lock_loss(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` if the locks ``hold`` gave are lost (their connection died): whoever
+        holds them must stop, since another node may now enter the same session."""
+        ...
+
     def hold(self, name: str) -> AbstractAsyncContextManager[None]:
         """Exclude every other holder of ``name`` sharing this store (other nodes); the caller
         serializes its own process's holders first. Released if the holder's node dies."""

@@ -171,8 +171,9 @@ class _Locks:
     Its ``generation`` grows with each new connection: a lock taken on an older one is gone (the
     server dropped it with that connection), which ``release`` reports."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, on_lost: Callable[[], None]) -> None:
         self.url = url
+        self.on_lost = on_lost
         self._conn: Any = None
         self._mutex = anyio.Lock()
         self.generation = 0
@@ -187,7 +188,11 @@ class _Locks:
         return self._conn
 
     def _terminated(self, conn: Any) -> None:
-        log.error("store.lock_connection_lost", detail="the advisory locks this node held are gone")
+        if conn is not self._conn:
+            return
+        log.error("store.lock_connection_lost", detail="the advisory locks this node held are gone: "
+                                                       "the turns holding them are interrupted")
+        self.on_lost()
 
     async def acquire(self, key: int) -> int:
         """Wait for ``key``; the connection generation it is held on."""
@@ -229,6 +234,7 @@ class PostgresStore:
         self.max_connections = max_connections
         self._pool: Any = None
         self._locks: _Locks | None = None
+        self._lock_loss: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         return "<PostgresStore>"  # the URL may hold a password: never shown
@@ -259,6 +265,13 @@ class PostgresStore:
             await self._pool.close()
             self._pool = None
 
+    def on_lock_loss(self, callback: Callable[[], None]) -> None:
+        self._lock_loss.append(callback)
+
+    def _locks_lost(self) -> None:
+        for callback in self._lock_loss:
+            callback()
+
     @asynccontextmanager
     async def hold(self, name: str) -> AsyncIterator[None]:
         """A session-level advisory lock on ``name``, shared by every node on this database.
@@ -268,7 +281,7 @@ class PostgresStore:
         connection. The process serializes its own holders of a name before this, so only
         another node ever makes it wait. If the node dies, PostgreSQL drops its locks."""
         if self._locks is None:
-            self._locks = _Locks(self.url)
+            self._locks = _Locks(self.url, self._locks_lost)
         locks = self._locks
         key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
         generation = await locks.acquire(key)

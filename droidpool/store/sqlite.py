@@ -187,6 +187,9 @@ class SqliteStore:
     async def open(self) -> None:
         await self._run(self._open)
 
+    def on_lock_loss(self, callback: Callable[[], None]) -> None:
+        """Never: the process's own locks cannot be lost."""
+
     @asynccontextmanager
     async def hold(self, name: str) -> AsyncIterator[None]:
         """One node per SQLite file: the process's own locks are all it takes."""

@@ -261,3 +261,29 @@ def test_droids_own_session_files_are_found_and_restored_byte_for_byte(tmp_path:
     assert cwd == tmp_path / "work" and cwd.is_dir()
     restored = session_file_paths(tmp_path / "sessions", session_id)
     assert {name: path.read_bytes() for name, path in restored.items()} == moved
+
+
+@pytest.mark.anyio
+async def test_turns_stop_when_the_node_loses_its_locks(tmp_path: Path) -> None:
+    """What the store's lock-loss callback does: every running turn is interrupted, in-band."""
+    import anyio
+
+    from droidpool.api.context import TURNS
+    from tests.unit.harness import served
+
+    async with served(tmp_path) as (client, _):
+        service = client.server.app[TURNS]
+        async with client.post("/v1/chat/completions", json={
+                "model": MODEL, "stream": True, "messages": [{"role": "user", "content": "wait [[hang_mid]]"}]}) as r:
+            await r.content.readany()  # the turn runs
+            with anyio.fail_after(10):
+                while not service._drivers:
+                    await anyio.sleep(0.01)
+            service._locks_lost()
+            with anyio.fail_after(15):
+                rest = (await r.content.read()).decode()
+        assert '"error"' in rest and rest.rstrip().endswith("data: [DONE]")
+        assert service.counters["lock_loss_interrupts"] == 1
+        with anyio.fail_after(10):
+            while service._drivers:
+                await anyio.sleep(0.01)

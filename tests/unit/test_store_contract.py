@@ -308,3 +308,34 @@ async def test_waits_cancelled_at_any_moment_leave_no_lock_held(postgres_server:
     finally:
         await ours.close()
         await theirs.close()
+
+
+async def test_a_node_hears_when_its_lock_connection_dies(postgres_server: Any) -> None:
+    import asyncpg
+
+    from droidpool.store.postgres import PostgresStore
+
+    url = postgres_server.database()
+    node, other = PostgresStore(url, TTL), PostgresStore(url, TTL)
+    await node.open()
+    await other.open()
+    lost = anyio.Event()
+    node.on_lock_loss(lost.set)
+    try:
+        async with node.hold("session:s1"):
+            assert node._locks is not None and node._locks._conn is not None
+            admin = await asyncpg.connect(url)
+            await admin.execute("SELECT pg_terminate_backend($1)", node._locks._conn.get_server_pid())
+            await admin.close()
+            with anyio.fail_after(5):
+                await lost.wait()  # the turns holding locks are told, and stop
+            with anyio.fail_after(5):
+                async with other.hold("session:s1"):  # indeed: another node can enter now
+                    pass
+        assert node._locks.lost == 1  # and the release says so
+        with anyio.fail_after(5):
+            async with node.hold("session:s1"):  # a new connection serves the next holders
+                pass
+    finally:
+        await node.close()
+        await other.close()
