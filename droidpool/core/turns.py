@@ -33,8 +33,8 @@ from . import conversation
 from .access import PUBLIC, Access
 from .catalog import Catalog
 from .ledger import Ledger
-from .nodes import Cluster, Forward, route
 from .model import Message, Text, ToolResult, TurnRequest, TurnResult
+from .nodes import Cluster, Forward, route
 from .output import Accumulator
 from .sessions import Sessions, key_lock
 from .tools import LLM_PREFIX, ToolBroker, client_name
@@ -448,9 +448,9 @@ class TurnService:
             assert decision.url is not None and decision.holder is not None
             self.cluster.counters["forwards"] += 1
             raise Forward(decision.url, decision.holder)
-        if decision.route != "local" or record.node_id != self.cluster.node_id:
-            if await self.cluster.take_over(record.session_id, record.node_id):
-                self.pool.forget_session(record.session_id)  # a worker here may hold an older copy
+        moved = decision.route != "local" or record.node_id != self.cluster.node_id
+        if moved and await self.cluster.take_over(record.session_id, record.node_id):
+            self.pool.forget_session(record.session_id)  # a worker here may hold an older copy
 
     async def _save_files(self, session_id: str) -> None:
         """With several nodes, droid's files of the session go to the store after every turn."""

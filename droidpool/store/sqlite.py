@@ -23,10 +23,10 @@ from .base import (
     LedgerQuery,
     NodeRow,
     Page,
-    assemble,
     SessionRecord,
     TurnRow,
     UnknownCursor,
+    assemble,
 )
 
 T = TypeVar("T")
