@@ -20,8 +20,6 @@ import anyio
 import orjson
 import structlog
 
-from droidpool.droid.protocol import Usage
-
 from .base import (
     MAX_LIST_LIMIT,
     LedgerEntry,
@@ -33,6 +31,15 @@ from .base import (
     TurnRow,
     UnknownCursor,
     assemble,
+)
+from .rows import (
+    KEPT_TURN_COLUMNS,
+    LEDGER_SUMS,
+    SESSION_COLUMNS,
+    kept_turn,
+    ledger_group,
+    session_record,
+    usage_counts,
 )
 
 log = structlog.get_logger(__name__)
@@ -125,11 +132,6 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-_COLUMNS = (
-    "session_id, model, head_digest, created_at, updated_at, turns, input_tokens, output_tokens, "
-    "cache_read_tokens, cache_creation_tokens, thinking_tokens, conversation_key, "
-    "parent_session_id, in_flight, diverged, failed_turns, owner, last_turn_id, node_id"
-)
 _MATCHABLE = (
     "NOT in_flight AND NOT diverged AND conversation_key IS NULL "
     "AND NOT (parent_session_id IS NOT NULL AND turns = 0)"
@@ -151,18 +153,6 @@ _DIMENSION_SQL: dict[str, str] = {
     "status": "status",
     "bucket": "floor(finished_at / $3)::bigint::text",
 }
-
-
-def _record(row: Any) -> SessionRecord:
-    return SessionRecord(
-        row[0], row[1], row[2], row[3], row[4], row[5], Usage(*(int(v) for v in row[6:11])),
-        row[11], row[12], bool(row[13]), bool(row[14]), int(row[15]), row[16], row[17], row[18],
-    )
-
-
-def _usage(usage: Usage) -> tuple[int, int, int, int, int]:
-    return (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens,
-            usage.cache_creation_tokens, usage.thinking_tokens)
 
 
 class _Locks:
@@ -309,20 +299,20 @@ class PostgresStore:
 
     async def get(self, session_id: str) -> SessionRecord | None:
         row = await self._db().fetchrow(
-            f"SELECT {_COLUMNS} FROM sessions WHERE session_id = $1 AND updated_at >= $2", session_id, self._cutoff())
-        return _record(row) if row else None
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = $1 AND updated_at >= $2", session_id, self._cutoff())
+        return session_record(row) if row else None
 
     async def by_key(self, key: str, owner: str = "") -> SessionRecord | None:
         row = await self._db().fetchrow(
-            f"SELECT {_COLUMNS} FROM sessions WHERE owner = $1 AND conversation_key = $2 AND updated_at >= $3",
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE owner = $1 AND conversation_key = $2 AND updated_at >= $3",
             owner, key, self._cutoff())
-        return _record(row) if row else None
+        return session_record(row) if row else None
 
     async def find_head(self, digest: str) -> SessionRecord | None:
         row = await self._db().fetchrow(
-            f"SELECT {_COLUMNS} FROM sessions WHERE head_digest = $1 AND updated_at >= $2 AND {_MATCHABLE} "
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE head_digest = $1 AND updated_at >= $2 AND {_MATCHABLE} "
             "ORDER BY updated_at DESC LIMIT 1", digest, self._cutoff())
-        return _record(row) if row else None
+        return session_record(row) if row else None
 
     async def list(self, limit: int = 100) -> builtins.list[SessionRecord]:
         return (await self.page(limit)).records
@@ -346,9 +336,9 @@ class PostgresStore:
                 where += f" AND (updated_at < ${a} OR (updated_at = ${a} AND session_id < ${b}))"
             params.append(limit + 1)
             rows = await conn.fetch(
-                f"SELECT {_COLUMNS} FROM sessions WHERE {where} ORDER BY updated_at DESC, session_id DESC "
+                f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {where} ORDER BY updated_at DESC, session_id DESC "
                 f"LIMIT ${len(params)}", *params)
-        return Page([_record(r) for r in rows[:limit]], len(rows) > limit)
+        return Page([session_record(r) for r in rows[:limit]], len(rows) > limit)
 
     async def all_ids(self) -> dict[str, bool]:
         rows = await self._db().fetch("SELECT session_id, updated_at >= $1 FROM sessions", self._cutoff())
@@ -356,13 +346,9 @@ class PostgresStore:
 
     async def get_turn(self, turn_id: str, owner: str) -> TurnRow | None:
         row = await self._db().fetchrow(
-            "SELECT turn_id, session_id, model, input_tokens, output_tokens, cache_read_tokens, "
-            "cache_creation_tokens, thinking_tokens, started_at, owner, dialect, output, status "
-            "FROM turns WHERE turn_id = $1 AND owner = $2 AND output IS NOT NULL", turn_id, owner)
-        if row is None:
-            return None
-        return TurnRow(row[0], row[1], row[2], Usage(*(int(v) for v in row[3:8])), row[8], row[9], row[10],
-                       orjson.loads(row[11]), row[12])
+            f"SELECT {KEPT_TURN_COLUMNS} FROM turns WHERE turn_id = $1 AND owner = $2 AND output IS NOT NULL",
+            turn_id, owner)
+        return kept_turn(row) if row is not None else None
 
     async def ledger_entries(self, after: int, since: float, limit: int) -> builtins.list[LedgerEntry]:
         rows = await self._db().fetch(
@@ -379,19 +365,11 @@ class PostgresStore:
         if query.owner is not None:
             params.append(query.owner)
             where += " AND owner = $4"
-        select = ", ".join([*dims, "COUNT(*)", "SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END)",
-                            "SUM(input_tokens)", "SUM(output_tokens)", "SUM(cache_read_tokens)",
-                            "SUM(cache_creation_tokens)", "SUM(thinking_tokens)", "SUM(factory_credits)",
-                            "SUM(standard_tokens)", "COALESCE(SUM(usd), 0)"])
+        select = ", ".join([*dims, *LEDGER_SUMS])
         ordinals = ", ".join(str(i + 1) for i in range(len(dims)))
         group = f" GROUP BY {ordinals} ORDER BY {ordinals}" if dims else ""
         rows = await self._db().fetch(f"SELECT {select} FROM turns WHERE {where}{group}", *params)
-        n = len(dims)
-        return [LedgerGroup(tuple(str(v) for v in r[:n]), int(r[n]), int(r[n + 1] or 0),
-                            Usage(int(r[n + 2] or 0), int(r[n + 3] or 0), int(r[n + 4] or 0), int(r[n + 5] or 0),
-                                  int(r[n + 6] or 0), float(r[n + 7] or 0)),
-                            float(r[n + 8] or 0), float(r[n + 9] or 0))
-                for r in rows if r[n]]
+        return [ledger_group(r, len(dims)) for r in rows if r[len(dims)]]
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -444,7 +422,7 @@ class PostgresStore:
             await conn.execute(
                 f"UPDATE sessions SET model = $1, head_digest = $2, updated_at = $3, turns = turns + 1, "
                 f"in_flight = FALSE, last_turn_id = $4, {_add_usage(5)} WHERE session_id = $10",
-                turn.model, head_digest, now, turn.turn_id, *_usage(turn.usage), turn.session_id)
+                turn.model, head_digest, now, turn.turn_id, *usage_counts(turn.usage), turn.session_id)
             await self._insert_turn(conn, turn, "completed", now)
 
     async def fail_turn(self, turn: TurnRow, *, diverge: bool = True) -> None:
@@ -453,7 +431,7 @@ class PostgresStore:
             await conn.execute(
                 f"UPDATE sessions SET updated_at = $1, failed_turns = failed_turns + 1, in_flight = FALSE, "
                 f"diverged = diverged OR $2, {_add_usage(3)} WHERE session_id = $8",
-                now, diverge, *_usage(turn.usage), turn.session_id)
+                now, diverge, *usage_counts(turn.usage), turn.session_id)
             await self._insert_turn(conn, turn, turn.status if turn.status != "completed" else "failed", now)
 
     @staticmethod
@@ -468,7 +446,7 @@ class PostgresStore:
             "VALUES ($1, nextval('turns_seq'), $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, "
             "$17, $18, $19, $20, $21) ON CONFLICT (turn_id) DO NOTHING",
             turn.turn_id, turn.session_id, turn.owner, turn.model, turn.dialect, status, turn.started_at,
-            turn.finished_at if turn.finished_at is not None else now, *_usage(turn.usage), output,
+            turn.finished_at if turn.finished_at is not None else now, *usage_counts(turn.usage), output,
             turn.droid_model, turn.conversation_key, turn.usage.factory_credits, turn.multiplier,
             turn.standard_tokens, turn.cost_source, turn.usd)
 

@@ -14,8 +14,6 @@ from typing import Any, TypeVar
 import anyio.to_thread
 import orjson
 
-from droidpool.droid.protocol import Usage
-
 from .base import (
     MAX_LIST_LIMIT,
     LedgerEntry,
@@ -27,6 +25,15 @@ from .base import (
     TurnRow,
     UnknownCursor,
     assemble,
+)
+from .rows import (
+    KEPT_TURN_COLUMNS,
+    LEDGER_SUMS,
+    SESSION_COLUMNS,
+    kept_turn,
+    ledger_group,
+    session_record,
+    usage_counts,
 )
 
 T = TypeVar("T")
@@ -143,11 +150,6 @@ _DIMENSION_SQL: dict[str, str] = {
     "bucket": "CAST(CAST(finished_at / :bucket AS INTEGER) AS TEXT)",
 }
 
-_COLUMNS = (
-    "session_id, model, head_digest, created_at, updated_at, turns, input_tokens, output_tokens, "
-    "cache_read_tokens, cache_creation_tokens, thinking_tokens, conversation_key, "
-    "parent_session_id, in_flight, diverged, failed_turns, owner, last_turn_id, node_id"
-)
 _MATCHABLE = (
     "in_flight = 0 AND diverged = 0 AND conversation_key IS NULL "
     "AND NOT (parent_session_id IS NOT NULL AND turns = 0)"
@@ -157,18 +159,6 @@ _ADD_USAGE = (
     "cache_read_tokens = cache_read_tokens + ?, cache_creation_tokens = cache_creation_tokens + ?, "
     "thinking_tokens = thinking_tokens + ?"
 )
-
-
-def _record(row: tuple[Any, ...]) -> SessionRecord:
-    return SessionRecord(
-        row[0], row[1], row[2], row[3], row[4], row[5], Usage(*row[6:11]),
-        row[11], row[12], bool(row[13]), bool(row[14]), row[15], row[16], row[17], row[18],
-    )
-
-
-def _usage_params(usage: Usage) -> tuple[int, int, int, int, int]:
-    return (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens,
-            usage.cache_creation_tokens, usage.thinking_tokens)
 
 
 class SqliteStore:
@@ -267,34 +257,34 @@ class SqliteStore:
         cutoff = self._cutoff()
         row = await self._run(
             lambda: self._conn().execute(
-                f"SELECT {_COLUMNS} FROM sessions WHERE session_id = ? AND updated_at >= ?",
+                f"SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = ? AND updated_at >= ?",
                 (session_id, cutoff),
             ).fetchone()
         )
-        return _record(row) if row else None
+        return session_record(row) if row else None
 
     async def by_key(self, key: str, owner: str = "") -> SessionRecord | None:
         """The live session a client (``owner``) named with this conversation id."""
         cutoff = self._cutoff()
         row = await self._run(
             lambda: self._conn().execute(
-                f"SELECT {_COLUMNS} FROM sessions WHERE owner = ? AND conversation_key = ? AND updated_at >= ?",
+                f"SELECT {SESSION_COLUMNS} FROM sessions WHERE owner = ? AND conversation_key = ? AND updated_at >= ?",
                 (owner, key, cutoff),
             ).fetchone()
         )
-        return _record(row) if row else None
+        return session_record(row) if row else None
 
     async def find_head(self, digest: str) -> SessionRecord | None:
         """The live session a stateless resend of history ``digest`` may continue."""
         cutoff = self._cutoff()
         row = await self._run(
             lambda: self._conn().execute(
-                f"SELECT {_COLUMNS} FROM sessions WHERE head_digest = ? AND updated_at >= ? "
+                f"SELECT {SESSION_COLUMNS} FROM sessions WHERE head_digest = ? AND updated_at >= ? "
                 f"AND {_MATCHABLE} ORDER BY updated_at DESC LIMIT 1",
                 (digest, cutoff),
             ).fetchone()
         )
-        return _record(row) if row else None
+        return session_record(row) if row else None
 
     async def list(self, limit: int = 100) -> list[SessionRecord]:
         """The ``limit`` most recently updated live sessions."""
@@ -327,13 +317,13 @@ class SqliteStore:
                 where += " AND (updated_at < ? OR (updated_at = ? AND session_id < ?))"
                 params += [anchor[0], anchor[0], after]
             return db.execute(
-                f"SELECT {_COLUMNS} FROM sessions WHERE {where} "
+                f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {where} "
                 "ORDER BY updated_at DESC, session_id DESC LIMIT ?",
                 (*params, limit + 1),
             ).fetchall()
 
         rows = await self._run(query)
-        return Page([_record(r) for r in rows[:limit]], len(rows) > limit)
+        return Page([session_record(r) for r in rows[:limit]], len(rows) > limit)
 
     async def all_ids(self) -> dict[str, bool]:
         """Every stored session id, expired or not → whether it is still live."""
@@ -408,7 +398,7 @@ class SqliteStore:
             db.execute(
                 f"UPDATE sessions SET model = ?, head_digest = ?, updated_at = ?, turns = turns + 1, "
                 f"in_flight = 0, last_turn_id = ?, {_ADD_USAGE} WHERE session_id = ?",
-                (turn.model, head_digest, now, turn.turn_id, *_usage_params(turn.usage), turn.session_id),
+                (turn.model, head_digest, now, turn.turn_id, *usage_counts(turn.usage), turn.session_id),
             )
             self._insert_turn(db, turn, "completed", now)
 
@@ -423,7 +413,7 @@ class SqliteStore:
             db.execute(
                 f"UPDATE sessions SET updated_at = ?, failed_turns = failed_turns + 1, in_flight = 0, "
                 f"diverged = diverged | ?, {_ADD_USAGE} WHERE session_id = ?",
-                (now, int(diverge), *_usage_params(turn.usage), turn.session_id),
+                (now, int(diverge), *usage_counts(turn.usage), turn.session_id),
             )
             self._insert_turn(db, turn, turn.status if turn.status != "completed" else "failed", now)
 
@@ -439,7 +429,7 @@ class SqliteStore:
             "droid_model, conversation_key, factory_credits, multiplier, standard_tokens, cost_source, usd) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (turn_id) DO NOTHING",
             (turn.turn_id, turn.session_id, turn.owner, turn.model, turn.dialect, status, turn.started_at,
-             turn.finished_at if turn.finished_at is not None else now, *_usage_params(turn.usage), output,
+             turn.finished_at if turn.finished_at is not None else now, *usage_counts(turn.usage), output,
              turn.droid_model, turn.conversation_key,
              turn.usage.factory_credits, turn.multiplier, turn.standard_tokens, turn.cost_source, turn.usd),
         )
@@ -462,34 +452,22 @@ class SqliteStore:
         if query.owner is not None:
             where += " AND owner = :owner"
             params["owner"] = query.owner
-        select = ", ".join([*dims, "COUNT(*)", "SUM(status = 'failed')", "SUM(input_tokens)", "SUM(output_tokens)",
-                            "SUM(cache_read_tokens)", "SUM(cache_creation_tokens)", "SUM(thinking_tokens)",
-                            "SUM(factory_credits)", "SUM(standard_tokens)", "COALESCE(SUM(usd), 0)"])
+        select = ", ".join([*dims, *LEDGER_SUMS])
         ordinals = ", ".join(str(i + 1) for i in range(len(dims)))
         group = f" GROUP BY {ordinals} ORDER BY {ordinals}" if dims else ""
         rows = await self._run(
             lambda: self._conn().execute(f"SELECT {select} FROM turns WHERE {where}{group}", params).fetchall())
-        n = len(dims)
-        return [LedgerGroup(tuple(str(v) for v in r[:n]), r[n], r[n + 1] or 0,
-                            Usage(int(r[n + 2] or 0), int(r[n + 3] or 0), int(r[n + 4] or 0), int(r[n + 5] or 0),
-                                  int(r[n + 6] or 0), float(r[n + 7] or 0)),
-                            float(r[n + 8] or 0), float(r[n + 9] or 0))
-                for r in rows if r[n]]
+        return [ledger_group(r, len(dims)) for r in rows if r[len(dims)]]
 
     async def get_turn(self, turn_id: str, owner: str) -> TurnRow | None:
         """A turn whose output was kept, if it is ``owner``'s."""
         row = await self._run(
             lambda: self._conn().execute(
-                "SELECT turn_id, session_id, model, input_tokens, output_tokens, cache_read_tokens, "
-                "cache_creation_tokens, thinking_tokens, started_at, owner, dialect, output, status "
-                "FROM turns WHERE turn_id = ? AND owner = ? AND output IS NOT NULL",
+                f"SELECT {KEPT_TURN_COLUMNS} FROM turns WHERE turn_id = ? AND owner = ? AND output IS NOT NULL",
                 (turn_id, owner),
             ).fetchone()
         )
-        if row is None:
-            return None
-        return TurnRow(row[0], row[1], row[2], Usage(*row[3:8]), row[8], row[9], row[10],
-                       orjson.loads(row[11]), row[12])
+        return kept_turn(row) if row is not None else None
 
     async def forget_output(self, turn_id: str, owner: str) -> bool:
         """Drop a kept output (the turn's usage stays); False if there was none of ``owner``'s."""
