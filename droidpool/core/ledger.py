@@ -78,9 +78,9 @@ class Ledger:
     def cost(self, model_id: str, usage: Usage) -> Cost:
         return self.pricing.cost(self.price(model_id), usage)
 
-    def priced_row(self, row: TurnRow) -> TurnRow:
-        """``row`` with its cost filled in, from the model that ran it."""
-        cost = self.cost(row.droid_model or row.model, row.usage)
+    @staticmethod
+    def priced_row(row: TurnRow, cost: Cost) -> TurnRow:
+        """``row`` with its cost filled in."""
         return replace(row, standard_tokens=cost.standard_tokens, multiplier=cost.multiplier,
                        cost_source=cost.source, usd=cost.usd)
 

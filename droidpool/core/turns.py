@@ -33,6 +33,7 @@ from . import conversation
 from .access import PUBLIC, Access
 from .catalog import Catalog
 from .ledger import Ledger
+from .pricing import Cost
 from .model import Message, Text, ToolResult, TurnRequest, TurnResult
 from .nodes import Cluster, Forward, route
 from .output import Accumulator
@@ -290,11 +291,12 @@ class TurnService:
                 f"Too many turns wait for client tool results ({len(self.parked)} in all, {owner_parked} of "
                 "this key's); send the results of the pending ones first.", code="parked_limit", retry_after=5)
         acc = turn.accumulator
+        cost = self.ledger.cost(turn.model_id or turn.request.model, acc.usage)
         result = TurnResult(turn.turn_id, turn.session_id, turn.request.model, acc.text, acc.reasoning, acc.usage,
                             turn.created, stop="tool_calls", tool_calls=tuple(acc.tool_calls),
-                            standard_tokens=self.ledger.cost(turn.model_id, acc.usage).standard_tokens)
+                            standard_tokens=cost.standard_tokens)
         answer = Message("assistant", (Text(acc.text), *acc.tool_calls))
-        await self._record(turn, result, answer)
+        await self._record(turn, result, answer, cost)
         turn.parked = True
         self.counters["parked"] += 1
         log.info("turn.parked", session=turn.session_id, calls=[c.name for c in acc.tool_calls])
@@ -375,18 +377,19 @@ class TurnService:
             self.counters["tools_deferred"] += 1
             log.warning("turn.client_tools_deferred", session=turn.session_id,
                         detail="droid hid the client tools behind ToolSearch: an extra LLM round trip")
+        cost = self.ledger.cost(turn.model_id or turn.request.model, acc.usage)
         result = TurnResult(turn.turn_id, turn.session_id, turn.request.model, acc.text, acc.reasoning,
-                            acc.usage, turn.created,
-                            standard_tokens=self.ledger.cost(turn.model_id, acc.usage).standard_tokens)
-        await self._record(turn, result, Message.of("assistant", acc.text))
+                            acc.usage, turn.created, standard_tokens=cost.standard_tokens)
+        await self._record(turn, result, Message.of("assistant", acc.text), cost)
         return result
 
-    async def _record(self, turn: Turn, result: TurnResult, answer: Message) -> None:
+    async def _record(self, turn: Turn, result: TurnResult, answer: Message, cost: Cost) -> None:
         head = conversation.extend(turn.base, (*turn.sent, answer))
         kept = {"result": result.to_json(), "echo": dict(turn.request.echo)} if turn.request.keep_output else None
         row = self.ledger.priced_row(TurnRow(
             turn.turn_id, turn.session_id, turn.request.model, result.usage, turn.started_at, turn.access.owner,
-            turn.request.dialect, kept, droid_model=turn.model_id, conversation_key=turn.request.conversation_key))
+            turn.request.dialect, kept, droid_model=turn.model_id, conversation_key=turn.request.conversation_key),
+            cost)
         with anyio.CancelScope(shield=True):
             await self.store.complete_turn(row, head)
             await self._save_files(turn.session_id)
@@ -409,7 +412,7 @@ class TurnService:
             turn.turn_id if turn else uuid.uuid4().hex, session_id, asked.model, usage,
             turn.started_at if turn else time.time(), access.owner, asked.dialect,
             status="park_ended" if turn is not None and turn.parked else "failed",
-            droid_model=model_id, conversation_key=asked.conversation_key))
+            droid_model=model_id, conversation_key=asked.conversation_key), self.ledger.cost(model_id, usage))
         with anyio.CancelScope(shield=True):
             await self.store.fail_turn(row, diverge=not (turn is not None and turn.parked))
             await self._save_files(session_id)
