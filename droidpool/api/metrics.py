@@ -116,7 +116,7 @@ class NodesCollector(Collector):
             events.add_metric([event], cluster.counters[event])
         yield events
         yield CounterMetricFamily("droidpool_takeover_seconds", "time to take sessions over (restoring their files)",
-                                  value=cluster.restore_seconds[0])
+                                  value=cluster.takeover_seconds)
         yield GaugeMetricFamily("droidpool_store_ok", "1 while the last heartbeat reached the shared store",
                                 value=int(cluster.store_ok))
 

@@ -77,7 +77,7 @@ class Cluster:
     state: str = "serving"
     store_ok: bool = False
     counters: Counter[str] = field(default_factory=Counter)
-    restore_seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])  # sum, count
+    takeover_seconds: float = 0.0  # their count is counters["takeovers"]
     _uploaded: dict[str, dict[str, int]] = field(default_factory=dict)  # session → file → bytes stored
 
     # --- the registry -------------------------------------------------------------------------
@@ -129,8 +129,7 @@ class Cluster:
             self._remember(session_id, {name: len(data) for name, data in files.items() if name.endswith(GROWING)})
         await self.store.claim(session_id, self.node_id)
         elapsed = time.monotonic() - started
-        self.restore_seconds[0] += elapsed
-        self.restore_seconds[1] += 1
+        self.takeover_seconds += elapsed
         self.counters["takeovers"] += 1
         log.info("nodes.takeover", session=session_id, from_node=holder, restored=restored,
                  bytes=sum(len(d) for d in files.values()), ms=round(elapsed * 1000, 1))
