@@ -28,7 +28,8 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -127,29 +128,39 @@ async def responses(http: aiohttp.ClientSession, base: str, tag: str) -> float:
 DIALECTS: dict[str, Callable[[aiohttp.ClientSession, str, str], Awaitable[float]]] = {
     "chat": chat, "anthropic": anthropic, "responses": responses,
 }
-async def rounds(daemon: Daemon, count: int) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {name: [] for name in DIALECTS}
-    names = list(DIALECTS)
+Kind = Callable[[aiohttp.ClientSession, str, str], Awaitable[float]]
+
+
+async def rounds(daemon: Daemon, count: int, kinds: dict[str, Kind]) -> dict[str, list[float]]:
+    """``count`` rounds, each timing every kind once, their order rotating from round to round;
+    no droid is starting while one is timed."""
+    samples: dict[str, list[float]] = {name: [] for name in kinds}
+    names = list(kinds)
     async with aiohttp.ClientSession() as http:
         for index in range(count):
             order = names[index % len(names):] + names[:index % len(names)]
             run = uuid.uuid4().hex[:6]
             for name in order:
                 await settle(http, daemon.base_url)
-                samples[name].append(await DIALECTS[name](http, daemon.base_url, f"{name}-{run}"))
+                samples[name].append(await kinds[name](http, daemon.base_url, f"{name}-{run}"))
             print(f"round {index + 1}/{count}: " + ", ".join(f"{n} {samples[n][-1]:.1f} ms" for n in names),
                   flush=True)
     return samples
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def rounds_argument(doc: str | None) -> int:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20)
-    args = parser.parse_args()
+    return int(parser.parse_args().rounds)
+
+
+@contextmanager
+def real_droid_daemon(name: str, model: str) -> Iterator[tuple[Daemon, str]]:
+    """One droidpool on the real droid and the fake LLM (``model`` offered), stopped on the way out."""
     binary = real_droid_path()
     if binary is None:
         raise SystemExit("the real droid CLI is needed (set DROIDPOOL_TEST_DROID)")
-    tmp = Path(tempfile.mkdtemp(prefix="droidpool-bench-dialects-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"droidpool-bench-{name}-"))
     llm = FakeLLMProcess()
     daemon: Daemon | None = None
     try:
@@ -157,10 +168,21 @@ def main() -> None:
         daemon = start_daemon(tmp, {
             "server": {"log_level": "info"},
             "droid": {"binary": binary, "home": str(home), "airgap": True},
-            "pool": {"max_workers": 6, "models": [{"id": MODEL}], "idle_min": 1},
+            "pool": {"max_workers": 6, "models": [{"id": model}], "idle_min": 1},
         }, ready_timeout=60)
-        print(f"droidpool + droid {binary}, model {MODEL}, {args.rounds} rounds", flush=True)
-        samples = asyncio.run(rounds(daemon, args.rounds))
+        yield daemon, binary
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        llm.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    count = rounds_argument(__doc__)
+    with real_droid_daemon("dialects", MODEL) as (daemon, binary):
+        print(f"droidpool + droid {binary}, model {MODEL}, {count} rounds", flush=True)
+        samples = asyncio.run(rounds(daemon, count, DIALECTS))
         print()
         print("Follow-up turn, time to first token:")
         for name, values in samples.items():
@@ -170,11 +192,6 @@ def main() -> None:
             gap = statistics.median(samples[name]) - base
             verdict = "within" if abs(gap) <= TARGET_MS else "OVER"
             print(f"{name} - chat (medians): {gap:+.1f} ms: {verdict} the {TARGET_MS:g} ms target")
-    finally:
-        if daemon is not None:
-            daemon.stop()
-        llm.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -23,20 +23,21 @@ stopped on the way out.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import shutil
 import statistics
-import tempfile
-import uuid
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from tests.benchmarks.bench_dialects import chat_text, settle, stream
+from tests.benchmarks.bench_dialects import (
+    chat_text,
+    real_droid_daemon,
+    rounds,
+    rounds_argument,
+    settle,
+    stream,
+)
 from tests.benchmarks.bench_resume import summary
-from tests.conftest import Daemon, FakeLLMProcess, real_droid_path, start_daemon, write_droid_home
 
 MODEL = "custom:fake-tools"
 TARGET_MS = 30.0
@@ -82,40 +83,11 @@ async def resumed(http: aiohttp.ClientSession, base: str, tag: str) -> float:
     return ms
 
 
-async def rounds(daemon: Daemon, count: int) -> dict[str, list[float]]:
-    kinds = {"follow-up": follow_up, "resumed": resumed}
-    samples: dict[str, list[float]] = {name: [] for name in kinds}
-    async with aiohttp.ClientSession() as http:
-        for index in range(count):
-            order = list(kinds) if index % 2 == 0 else list(kinds)[::-1]
-            run = uuid.uuid4().hex[:6]
-            for name in order:
-                await settle(http, daemon.base_url)
-                samples[name].append(await kinds[name](http, daemon.base_url, f"{name}-{run}"))
-            print(f"round {index + 1}/{count}: " + ", ".join(f"{n} {samples[n][-1]:.1f} ms" for n in kinds),
-                  flush=True)
-    return samples
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=20)
-    args = parser.parse_args()
-    binary = real_droid_path()
-    if binary is None:
-        raise SystemExit("the real droid CLI is needed (set DROIDPOOL_TEST_DROID)")
-    tmp = Path(tempfile.mkdtemp(prefix="droidpool-bench-tools-"))
-    llm = FakeLLMProcess()
-    daemon: Daemon | None = None
-    try:
-        home = write_droid_home(tmp / "home", llm.url)
-        daemon = start_daemon(tmp, {
-            "server": {"log_level": "info"},
-            "droid": {"binary": binary, "home": str(home), "airgap": True},
-            "pool": {"max_workers": 6, "models": [{"id": MODEL}], "idle_min": 1},
-        }, ready_timeout=60)
-        print(f"droidpool + droid {binary}, model {MODEL}, {args.rounds} rounds", flush=True)
-        samples = asyncio.run(rounds(daemon, args.rounds))
+    count = rounds_argument(__doc__)
+    with real_droid_daemon("tools", MODEL) as (daemon, binary):
+        print(f"droidpool + droid {binary}, model {MODEL}, {count} rounds", flush=True)
+        samples = asyncio.run(rounds(daemon, count, {"follow-up": follow_up, "resumed": resumed}))
         print()
         print("Time to first token:")
         for name, values in samples.items():
@@ -123,11 +95,6 @@ def main() -> None:
         gap = statistics.median(samples["resumed"]) - statistics.median(samples["follow-up"])
         verdict = "within" if gap <= TARGET_MS else "OVER"
         print(f"resumed - follow-up (medians): {gap:+.1f} ms: {verdict} the {TARGET_MS:g} ms target")
-    finally:
-        if daemon is not None:
-            daemon.stop()
-        llm.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
