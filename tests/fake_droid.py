@@ -1275,6 +1275,18 @@ class Server:
         )
         self.complete(turn, sess, reason, usage(*turn.usage_override) if turn.usage_override else usage())
 
+    def start_looking(self, turn: Turn, sess: dict, user_id: str) -> str | None:
+        """The assistant's "Let me look." before it calls tools; None if the turn was cancelled first."""
+        self.notify({"type": "droid_working_state_changed", "newState": "streaming_assistant_message"}, sess["id"])
+        msg_a = new_id()
+        self.pause(turn, DEFAULT_DELAY_S)
+        if turn.cancelled:
+            self.finish_cancelled(turn, sess, user_id, None, "")
+            return None
+        self.notify({"type": "assistant_text_delta", "messageId": msg_a, "blockIndex": 0,
+                     "textDelta": "Let me look."}, sess["id"])
+        return msg_a
+
     def permission_turn(self, turn: Turn, sess: dict, ctx_state: dict) -> None:
         sid = sess["id"]
         settings = sess["settings"]
@@ -1289,13 +1301,9 @@ class Server:
         user_id = ctx_state["user_id"]
         if ctx_state["first"]:
             N({"type": "session_title_updated", "title": "Let me look", "updateType": "llm_generated"})
-        state("streaming_assistant_message")
-        msg_a = new_id()
-        self.pause(turn, DEFAULT_DELAY_S)
-        if turn.cancelled:
-            self.finish_cancelled(turn, sess, user_id, None, "")
+        msg_a = self.start_looking(turn, sess, user_id)
+        if msg_a is None:
             return
-        N({"type": "assistant_text_delta", "messageId": msg_a, "blockIndex": 0, "textDelta": "Let me look."})
         tool_id = "call_exec_" + uuid.uuid4().hex[:8]
         command = f"echo hi > {sess.get('cwd', '.')}/created.txt"
         tool_input = {
@@ -1489,13 +1497,9 @@ class Server:
             self.answer(turn, sess, ctx_state, parent_id=ctx_state["user_id"])
             return
         user_id = ctx_state["user_id"]
-        state("streaming_assistant_message")
-        msg_a = new_id()
-        self.pause(turn, DEFAULT_DELAY_S)
-        if turn.cancelled:
-            self.finish_cancelled(turn, sess, user_id, None, "")
+        msg_a = self.start_looking(turn, sess, user_id)
+        if msg_a is None:
             return
-        N({"type": "assistant_text_delta", "messageId": msg_a, "blockIndex": 0, "textDelta": "Let me look."})
         for use in uses:
             N({"type": "tool_call", "toolUse": {**use, "input": {}}}, False)
         N({"type": "assistant_text_complete", "messageId": msg_a, "blockIndex": 0})
