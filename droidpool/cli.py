@@ -18,7 +18,7 @@ from droidpool import __version__
 from droidpool.config import Config, ConfigError, field_docs, load, store_url
 from droidpool.daemon import logs
 from droidpool.droid.sessions import apply_prune, droid_sessions_dir, plan_prune
-from droidpool.store import SessionStore, open_store
+from droidpool.store import SessionStore, SqliteStore, open_store
 
 DEFAULT_CONFIG_NAME = "droidpool.toml"
 T = TypeVar("T")
@@ -305,11 +305,9 @@ def sessions_prune_files(config_path: Path | None, apply: bool, min_age_s: float
 
 def _ledger(config: Config, store: SessionStore, models: list[dict[str, Any]] | None = None) -> Any:
     from droidpool.core.catalog import Catalog
-    from droidpool.core.ledger import Ledger
-    from droidpool.daemon.service import pricing
+    from droidpool.daemon.service import build_ledger
 
-    catalog = Catalog(lambda: models or [], configured=[m.id for m in config.pool.models])
-    return Ledger(store, catalog, pricing(config), config.budgets.limits, config.budgets.warn_at)
+    return build_ledger(config, store, Catalog(lambda: models or [], configured=[m.id for m in config.pool.models]))
 
 
 def _time(text: str | None, default: float) -> float:
@@ -376,7 +374,7 @@ def prices(config_path: Path | None, check: bool, as_json: bool) -> None:
 
     config = _load(config_path, {})
     found = _droid_models(config)
-    table = _ledger(config, None, found).prices()  # type: ignore[arg-type]
+    table = _ledger(config, SqliteStore(Path(":memory:"), 0), found).prices()  # prices need no store
     if check:
         table = [p for p in table if not p.priced]
     if as_json:

@@ -67,7 +67,7 @@ async def estimate(request: web.Request) -> web.Response:
     model_id = service.catalog.resolve(model)
     principal = request[PRINCIPAL]
     owner = scope(principal, body.get("key") if isinstance(body.get("key"), str) else None)
-    result = await service.ledger.estimate(model_id, float(tokens), owner if owner is not None else None)
+    result = await service.ledger.estimate(model_id, float(tokens), owner)
     result["allowed"] = allowed(service.ledger, principal, model_id)
     return json_response(result)
 

@@ -57,8 +57,6 @@ class Cost:
     factory_credits: float = 0.0
 
 
-FREE = Cost(0.0, None, "unpriced")
-
 
 def is_byok(model_id: str, info: Mapping[str, Any]) -> bool:
     """A custom model the operator brought (droid names them ``custom:...``): Factory bills nothing."""
