@@ -62,7 +62,9 @@ class ServerConfig:
         metadata={"doc": "Where the session store and the workers' working directory live."},
     )
     max_body_bytes: int = field(
-        default=4 * 1024 * 1024, metadata={"doc": "Largest request body accepted, in bytes."}
+        default=64 * 1024 * 1024,
+        metadata={"doc": "Largest request body accepted, in bytes: room for attachments.max_total_bytes in "
+                         "base64, plus a history that resends earlier images."},
     )
     body_timeout_s: float = field(
         default=30.0, metadata={"doc": "Longest a client may take to send its request body (408 after)."}
@@ -250,6 +252,35 @@ class ToolsConfig:
 
 
 @dataclass(frozen=True)
+class AttachmentsConfig:
+    max_image_bytes: int = field(
+        default=5 * 1024 * 1024,
+        metadata={"doc": "Largest image one turn may send droid, in bytes (Anthropic's API takes 5 MB an image)."},
+    )
+    max_document_bytes: int = field(
+        default=32 * 1024 * 1024,
+        metadata={"doc": "Largest document (PDF or text) one turn may send droid, in bytes."},
+    )
+    max_count: int = field(
+        default=100,
+        metadata={"doc": "Most images and documents one turn may send droid (Anthropic's API takes 100)."},
+    )
+    max_total_bytes: int = field(
+        default=32 * 1024 * 1024,
+        metadata={"doc": "Most bytes of images and documents one turn may send droid (Anthropic's API takes "
+                         "32 MB a request). Raise server.max_body_bytes with it: base64 is 4/3 the size."},
+    )
+    fetch_urls: bool = field(
+        default=False,
+        metadata={"doc": "Fetch images and documents given by http(s) URL (never from a loopback, private or "
+                         "link-local address); false = such parts get a 400."},
+    )
+    fetch_timeout_s: float = field(
+        default=10.0, metadata={"doc": "Deadline for fetching one attachment by URL."}
+    )
+
+
+@dataclass(frozen=True)
 class PricingConfig:
     multipliers: Mapping[str, float] = field(
         default_factory=dict,
@@ -378,6 +409,7 @@ class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
+    attachments: AttachmentsConfig = field(default_factory=AttachmentsConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
     budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -581,6 +613,10 @@ def _check(config: Config, sources: dict[str, dict[str, str]], environ: Mapping[
     require(config.tools.park_timeout_s > 0, "tools", "park_timeout_s", "positive")
     require(config.tools.max_parked >= 0, "tools", "max_parked", "0 or more")
     require(config.tools.max_parked_per_key >= 0, "tools", "max_parked_per_key", "0 or more")
+    at = config.attachments
+    for key in ("max_image_bytes", "max_document_bytes", "max_count", "max_total_bytes"):
+        require(getattr(at, key) >= 0, "attachments", key, "0 or more")
+    require(at.fetch_timeout_s > 0, "attachments", "fetch_timeout_s", "positive")
     require(config.store.session_ttl_s > 0, "store", "session_ttl_s", "positive")
     shared = store_url(config, environ)
     if shared and not shared.startswith(("postgresql://", "postgres://")):

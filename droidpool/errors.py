@@ -164,6 +164,20 @@ class UpstreamError(DroidpoolError):
     code = "droid_turn_failed"
 
 
+class StructuredOutputFailed(UpstreamError):
+    """The model did not give an answer matching the requested schema (droid corrected it twice)."""
+
+    code = "structured_output_invalid"
+
+
+class UpstreamRateLimited(DroidpoolError):
+    """The model provider rate-limited droid (not droidpool's own pool or budgets)."""
+
+    status = 429
+    kind = "rate_limit"
+    code = "upstream_rate_limited"
+
+
 class WorkerCrashed(UpstreamError):
     code = "worker_crashed"
 

@@ -10,11 +10,14 @@ from typing import Any, Literal
 import orjson
 
 from droidpool import errors
-from droidpool.core import tokens
+from droidpool.core import attachments, structured, tokens
 from droidpool.core.catalog import Listed
 from droidpool.core.model import (
+    Attachment,
+    AttachmentKind,
     Message,
     Output,
+    OutputFormat,
     Part,
     ReasoningOut,
     Role,
@@ -48,7 +51,7 @@ IGNORED_PARAMS = frozenset({
     "service_tier", "container", "mcp_servers", "context_management",
 })
 KNOWN_PARAMS = frozenset({"model", "messages", "system", "stream", "thinking", "tools", "tool_choice",
-                          "output_config"}) \
+                          "output_config", "output_format"}) \
     | IGNORED_PARAMS | OWN_PARAMS
 # Claude Code's first system block changes per build and names no instruction: it is dropped,
 # so that it neither reaches droid nor breaks the match of a resent conversation.
@@ -88,10 +91,26 @@ def output_effort(config: Any) -> str | None:
     effort = config.get("effort")
     if effort is None:
         return None
-    if effort not in ("low", "medium", "high", "max"):
-        raise errors.InvalidRequest("output_config.effort: must be low, medium, high or max.",
+    if effort not in ("low", "medium", "high", "xhigh", "max"):
+        raise errors.InvalidRequest("output_config.effort: must be low, medium, high, xhigh or max.",
                                     param="output_config.effort")
     return str(effort)
+
+
+def output_format(body: Mapping[str, Any]) -> OutputFormat | None:
+    """Structured output: ``output_config.format``, or the beta's top-level ``output_format``,
+    ``{"type": "json_schema", "schema": {...}}``."""
+    config = body.get("output_config")
+    raw, where = (config.get("format"), "output_config.format") if isinstance(config, Mapping) else (None, "")
+    if raw is None:
+        raw, where = body.get("output_format"), "output_format"
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or raw.get("type") != "json_schema":
+        raise errors.InvalidRequest(f"{where}: must be an object with type \"json_schema\" and a schema.", param=where)
+    if "schema" not in raw:
+        raise errors.InvalidRequest(f"{where}.schema: Field required.", param=f"{where}.schema")
+    return structured.output_format(raw["schema"], f"{where}.schema")
 
 
 def parse(body: Any, headers: Mapping[str, str]) -> Parsed:
@@ -117,7 +136,7 @@ def parse(body: Any, headers: Mapping[str, str]) -> Parsed:
         model=model.strip(), messages=messages, system=system, stream=stream, reasoning_effort=effort,
         effort_is_exact=exact, session_id=session_id(body, headers),
         conversation_key=conversation_key(body, headers), tools=tools, tool_choice=tool_choice,
-        dialect="anthropic", ignored=ignored,
+        output_format=output_format(body), dialect="anthropic", ignored=ignored,
     )
     return Parsed(request)
 
@@ -231,32 +250,70 @@ def _content(content: Any, param: str, role: str) -> tuple[Part, ...]:
         elif kind == "tool_result" and role != "assistant":
             if not isinstance(block.get("tool_use_id"), str):
                 raise errors.InvalidRequest(f"{where}.tool_use_id: must be a string.", param=where)
-            parts.append(ToolResult(block["tool_use_id"], _result_text(block.get("content"), where),
-                                    bool(block.get("is_error"))))
-        elif kind in ("image", "document"):
-            raise errors.InvalidRequest(f"{where}: {kind} blocks are not supported yet; send text.", param=where)
+            text, attached = _result_content(block.get("content"), where)
+            parts.append(ToolResult(block["tool_use_id"], text, bool(block.get("is_error")), tuple(attached)))
+        elif kind in ("image", "document") and role != "assistant":
+            parts.append(_attachment(block, where))
         else:
             raise errors.InvalidRequest(f"{where}: content block type {kind!r} is not supported.", param=where)
     return tuple(parts)
 
 
-def _result_text(content: Any, where: str) -> str:
+def _result_content(content: Any, where: str) -> tuple[str, list[Attachment]]:
+    """A tool result's text, and the images and documents it holds (Claude Code's Read tool returns
+    a screenshot or a PDF this way)."""
     if content is None:
-        return ""
+        return "", []
     if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for block in content:
-            if isinstance(block, Mapping) and block.get("type") == "text" and isinstance(block.get("text"), str):
-                texts.append(block["text"])
-            elif isinstance(block, Mapping) and block.get("type") == "tool_reference":
-                texts.append(f"[tool reference: {block.get('tool_name', '')}]")
-            else:
-                raise errors.InvalidRequest(f"{where}.content: only text is supported in tool results.",
-                                            param=where)
-        return "\n".join(texts)
-    raise errors.InvalidRequest(f"{where}.content: must be a string or an array of text blocks.", param=where)
+        return content, []
+    if not isinstance(content, list):
+        raise errors.InvalidRequest(f"{where}.content: must be a string or an array of content blocks.", param=where)
+    texts: list[str] = []
+    attached: list[Attachment] = []
+    for index, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, Mapping) else None
+        if kind == "text" and isinstance(block, Mapping) and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif kind == "tool_reference" and isinstance(block, Mapping):
+            texts.append(f"[tool reference: {block.get('tool_name', '')}]")
+        elif kind in ("image", "document") and isinstance(block, Mapping):
+            attached.append(_attachment(block, f"{where}.content[{index}]"))
+        else:
+            raise errors.InvalidRequest(f"{where}.content[{index}]: tool results may hold text, image and document "
+                                        f"blocks; got {kind!r}.", param=f"{where}.content[{index}]")
+    return "\n".join(texts), attached
+
+
+def _attachment(block: Mapping[str, Any], where: str) -> Attachment:
+    """An ``image`` or ``document`` block: base64, text, content or URL sources (file ids are refused)."""
+    kind: AttachmentKind = "image" if block["type"] == "image" else "document"
+    source = block.get("source")
+    if not isinstance(source, Mapping):
+        raise errors.InvalidRequest(f"{where}.source: Field required (an object).", param=f"{where}.source")
+    title = block.get("title")
+    name = title if isinstance(title, str) else ""
+    media_type = source.get("media_type")
+    media_type = media_type if isinstance(media_type, str) else ""
+    source_type = source.get("type")
+    if source_type == "base64":
+        return attachments.from_base64(kind, media_type, source.get("data"), name=name, where=where)
+    if source_type == "url":
+        return attachments.from_url(kind, source.get("url"), media_type=media_type, name=name, where=where)
+    if source_type == "text" and kind == "document":
+        return attachments.from_text(source.get("data"), media_type=media_type or "text/plain", name=name,
+                                     where=where)
+    if source_type == "content" and kind == "document":
+        blocks = source.get("content")
+        if isinstance(blocks, str):
+            return attachments.from_text(blocks, name=name, where=where)
+        if isinstance(blocks, list) and all(isinstance(b, Mapping) and b.get("type") == "text" for b in blocks):
+            return attachments.from_text("\n".join(str(b.get("text", "")) for b in blocks), name=name, where=where)
+        raise errors.InvalidRequest(f"{where}.source.content: a content document holds text blocks.", param=where)
+    if source_type == "file":
+        return attachments.unsupported(kind, where, "file sources are not supported (droidpool has no Files API); "
+                                                    "send base64 data")
+    raise errors.InvalidRequest(f"{where}.source.type: must be base64, url" + (", text or content" if kind ==
+                                "document" else "") + ".", param=f"{where}.source")
 
 
 def count_tokens(body: Any) -> dict[str, Any]:

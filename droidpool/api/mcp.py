@@ -22,7 +22,7 @@ log = structlog.get_logger(__name__)
 
 PROTOCOL_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")  # droid 0.225.2 asks 2025-11-25
 BROKER: web.AppKey[ToolBroker] = web.AppKey("broker", ToolBroker)
-MAX_BODY = 8 * 1024 * 1024
+MAX_BODY = 8 * 1024 * 1024  # droid's requests: tools/call arguments, never attachments
 
 
 def _entry(request: web.Request) -> SessionTools:
@@ -64,9 +64,9 @@ def handle(broker: ToolBroker, entry: SessionTools, message: Any) -> dict[str, A
         if not isinstance(name, str):
             return _error(message_id, -32602, "tools/call needs a name")
         arguments = params.get("arguments")
-        text, is_error = broker.call(entry, name, arguments if isinstance(arguments, dict) else {})
+        content, is_error = broker.call(entry, name, arguments if isinstance(arguments, dict) else {})
         log.info("mcp.tools_call", tool=name, is_error=is_error)
-        return _result(message_id, {"content": [{"type": "text", "text": text}], "isError": is_error})
+        return _result(message_id, {"content": content, "isError": is_error})
     return _error(message_id, -32601, f"method not found: {method}")
 
 

@@ -7,8 +7,10 @@ from typing import Any
 
 from droidpool import errors
 from droidpool.core.model import (
+    Attachment,
     Message,
     Output,
+    OutputFormat,
     Part,
     ReasoningOut,
     Role,
@@ -80,13 +82,7 @@ def parse(body: Any, headers: Mapping[str, str]) -> Parsed:
         raise errors.InvalidRequest("Only n=1 is supported: droid produces one answer per turn.", param="n")
     if body.get("logprobs") or body.get("top_logprobs"):
         raise errors.InvalidRequest("droid does not expose log probabilities.", param="logprobs")
-    response_format = body.get("response_format")
-    if response_format is not None and not (
-        isinstance(response_format, Mapping) and response_format.get("type") == "text"
-    ):
-        raise errors.InvalidRequest(
-            "Only response_format {\"type\": \"text\"} is supported.", param="response_format"
-        )
+    output_format = _response_format(body.get("response_format"))
     tools = _tools(body)
     tool_choice = openai_wire.tool_choice_of(body.get("tool_choice", body.get("function_call")), "tool_choice")
     if body.get("parallel_tool_calls") is False:
@@ -99,9 +95,23 @@ def parse(body: Any, headers: Mapping[str, str]) -> Parsed:
     request = TurnRequest(
         model=model.strip(), messages=messages, system=system, stream=stream, reasoning_effort=effort,
         session_id=session_id(body, headers), conversation_key=conversation_key(body, headers),
-        tools=tools, tool_choice=tool_choice, dialect="openai", ignored=ignored,
+        tools=tools, tool_choice=tool_choice, output_format=output_format, dialect="openai", ignored=ignored,
     )
     return Parsed(request, {"include_usage": include_usage})
+
+
+def _response_format(raw: Any) -> OutputFormat | None:
+    """``response_format``: text, json_object, or json_schema ``{"json_schema": {name, schema, strict}}``."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise errors.InvalidRequest("'response_format' must be an object.", param="response_format")
+    spec = raw.get("json_schema")
+    if raw.get("type") == "json_schema" and not isinstance(spec, Mapping):
+        raise errors.InvalidRequest("'response_format.json_schema' must be an object with a schema.",
+                                    param="response_format.json_schema")
+    return openai_wire.json_format(raw.get("type"), spec or {}, "response_format.json_schema"
+                                   if raw.get("type") == "json_schema" else "response_format")
 
 
 def _tools(body: Mapping[str, Any]) -> tuple[ToolSpec, ...]:
@@ -138,16 +148,19 @@ def _parse_messages(raw: Any) -> tuple[str, tuple[Message, ...]]:
                 f"'{param}.role' must be one of {', '.join(ROLES)}.", param=f"{param}.role"
             )
         last_role = role
-        text = _content_text(message.get("content"), f"{param}.content", role)
+        text, attached = _content(message.get("content"), f"{param}.content", role)
+        if attached and role in ("system", "developer", "assistant"):
+            raise errors.InvalidRequest(f"'{param}.content': only user and tool messages may hold images or files.",
+                                        param=attached[0].where)
         if role in ("system", "developer"):
             system.append(text)
             continue
-        parts: list[Part] = [Text(text)]
+        parts: list[Part] = [Text(text), *attached]
         if role == "assistant":
             parts += _tool_calls(message.get("tool_calls"), f"{param}.tool_calls")
         if role == "tool":
             call_id = message.get("tool_call_id")
-            parts = [ToolResult(call_id if isinstance(call_id, str) else "", text)]
+            parts = [ToolResult(call_id if isinstance(call_id, str) else "", text, attachments=tuple(attached))]
         neutral_role: Role = role
         out.append(Message(neutral_role, tuple(parts)))
     if last_role not in ("user", "tool"):
@@ -174,29 +187,44 @@ def _tool_calls(raw: Any, param: str) -> list[Part]:
     return calls
 
 
-def _content_text(content: Any, param: str, role: str) -> str:
+def _content(content: Any, param: str, role: str) -> tuple[str, list[Attachment]]:
+    """A message's text, and the images and files it attaches, in order."""
     if content is None:
         if role == "assistant":
-            return ""
+            return "", []
         raise errors.InvalidRequest(f"'{param}' is required.", param=param)
     if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for index, part in enumerate(content):
-            if not isinstance(part, Mapping) or not isinstance(part.get("type"), str):
-                raise errors.InvalidRequest(f"'{param}[{index}]' must be a content part object.", param=param)
-            if part["type"] in ("text", "input_text", "output_text"):
-                text = part.get("text")
-                if not isinstance(text, str):
-                    raise errors.InvalidRequest(f"'{param}[{index}].text' must be a string.", param=param)
-                texts.append(text)
-            else:
-                raise errors.InvalidRequest(
-                    f"Content part type {part['type']!r} is not supported; send text.", param=param
-                )
-        return "".join(texts)
-    raise errors.InvalidRequest(f"'{param}' must be a string or an array of content parts.", param=param)
+        return content, []
+    if not isinstance(content, list):
+        raise errors.InvalidRequest(f"'{param}' must be a string or an array of content parts.", param=param)
+    texts: list[str] = []
+    attached: list[Attachment] = []
+    for index, part in enumerate(content):
+        where = f"{param}[{index}]"
+        if not isinstance(part, Mapping) or not isinstance(part.get("type"), str):
+            raise errors.InvalidRequest(f"'{where}' must be a content part object.", param=where)
+        kind = part["type"]
+        if kind in ("text", "input_text", "output_text"):
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise errors.InvalidRequest(f"'{where}.text' must be a string.", param=where)
+            texts.append(text)
+        elif kind == "refusal" and role == "assistant":
+            texts.append(str(part.get("refusal", "")))
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, Mapping) else image
+            attached.append(openai_wire.image_attachment(url, None, f"{where}.image_url"))
+        elif kind == "file":
+            spec = part.get("file")
+            if not isinstance(spec, Mapping):
+                raise errors.InvalidRequest(f"'{where}.file' must be an object.", param=where)
+            attached.append(openai_wire.file_attachment(spec.get("file_data"), None, spec.get("file_id"),
+                                                        spec.get("filename"), f"{where}.file"))
+        else:
+            raise errors.InvalidRequest(f"Content part type {kind!r} is not supported; send text, image_url or "
+                                        "file parts.", param=where)
+    return "".join(texts), attached
 
 
 # --- outputs → chunks -----------------------------------------------------------------------------

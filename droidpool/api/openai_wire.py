@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from droidpool import errors
-from droidpool.core.model import ToolSpec
+from droidpool.core import attachments, structured
+from droidpool.core.model import Attachment, OutputFormat, ToolSpec
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -63,3 +64,51 @@ def tool_spec(raw: Any, where: str, schema_key: str) -> ToolSpec:
         raise errors.InvalidRequest(f"'{where}.{schema_key}' must be a JSON schema object.", param=where)
     description = raw.get("description") or ""
     return ToolSpec(raw["name"], description if isinstance(description, str) else "", dict(schema))
+
+
+# --- attachments and structured output (Chat Completions and Responses read them alike) ----------
+
+# File name endings → media type, for file parts that carry bare base64 and a name.
+SUFFIX_TYPES = {".pdf": "application/pdf", ".txt": "text/plain", ".md": "text/markdown", ".csv": "text/csv",
+                ".json": "application/json", ".html": "text/html", ".xml": "application/xml"}
+
+
+def file_attachment(data: Any, url: Any, file_id: Any, filename: Any, where: str) -> Attachment:
+    """A document from a file part: ``file_data`` (a data: URL or bare base64), a URL, or a file id
+    (refused: droidpool has no Files API)."""
+    name = filename if isinstance(filename, str) else ""
+    if data is None and url is None:
+        why = "file ids are not supported (droidpool has no Files API); send file_data" if file_id is not None \
+            else "a file part needs file_data"
+        return attachments.unsupported("document", where, why)
+    if data is None:
+        return attachments.from_url("document", url, name=name, where=where)
+    if isinstance(data, str) and data.startswith("data:"):
+        return attachments.from_url("document", data, name=name, where=where)
+    suffix = name[name.rfind("."):].lower() if "." in name else ""
+    return attachments.from_base64("document", SUFFIX_TYPES.get(suffix, ""), data, name=name, where=where)
+
+
+def image_attachment(url: Any, file_id: Any, where: str) -> Attachment:
+    """An image from an image URL (a data: URL, or http(s) when fetching is allowed) or a file id."""
+    if url is None and file_id is not None:
+        return attachments.unsupported("image", where, "file ids are not supported (droidpool has no Files API); "
+                                                       "send the image as a data: URL")
+    return attachments.from_url("image", url, where=where)
+
+
+def json_format(kind: Any, spec: Mapping[str, Any], where: str) -> OutputFormat | None:
+    """``text`` (None), ``json_object`` (any JSON object) or ``json_schema`` (``spec`` holds name,
+    schema, strict) as droid's structured output; other types are a 400."""
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return OutputFormat(structured.ANY_OBJECT, "", False, where)
+    if kind != "json_schema":
+        raise errors.InvalidRequest(f"'{where}.type' must be text, json_object or json_schema.", param=where)
+    name = spec.get("name")
+    if name is not None and not isinstance(name, str):
+        raise errors.InvalidRequest(f"'{where}.name' must be a string.", param=where)
+    if "schema" not in spec:
+        raise errors.InvalidRequest(f"'{where}.schema' is required.", param=where)
+    return structured.output_format(spec["schema"], f"{where}.schema", name=name or "", strict=bool(spec.get("strict")))

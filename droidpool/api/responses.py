@@ -8,9 +8,11 @@ from typing import Any
 
 from droidpool import errors
 from droidpool.core.model import (
+    Attachment,
     Message,
     Output,
     ReasoningOut,
+    Text,
     TextOut,
     ToolArgsOut,
     ToolCall,
@@ -84,8 +86,9 @@ def parse(body: Any, headers: Mapping[str, str]) -> Parsed:
         effort = header_effort(headers)
     text = optional(body, "text", Mapping, {})
     fmt = text.get("format")
-    if fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"):
-        raise errors.InvalidRequest("Only text.format {\"type\": \"text\"} is supported.", param="text.format")
+    if fmt is not None and not isinstance(fmt, Mapping):
+        raise errors.InvalidRequest("'text.format' must be an object.", param="text.format")
+    output_format = openai_wire.json_format(fmt.get("type"), fmt, "text.format") if fmt is not None else None
     tool_choice = openai_wire.tool_choice_of(body.get("tool_choice"), "tool_choice")
     if body.get("parallel_tool_calls") is False:
         raise errors.InvalidRequest("parallel_tool_calls=false cannot be honoured: the model may call several "
@@ -97,12 +100,14 @@ def parse(body: Any, headers: Mapping[str, str]) -> Parsed:
     if text.get("verbosity") is not None:
         ignored.add("text.verbosity")
     echo = {"instructions": instructions or None, "previous_response_id": previous, "store": store,
-            "reasoning": {"effort": effort, "summary": reasoning.get("summary")}}
+            "reasoning": {"effort": effort, "summary": reasoning.get("summary")},
+            "text": {"format": dict(fmt) if fmt is not None else {"type": "text"}}}
     request = TurnRequest(
         model=model.strip(), messages=messages, system=system, stream=stream, reasoning_effort=effort,
         session_id=session_id(body, headers), conversation_key=conversation_key(body, headers),
         previous_turn_id=turn_id_of(previous) if previous else None, keep_output=store,
-        tools=tools, tool_choice=tool_choice, dialect="responses", ignored=tuple(sorted(ignored)), echo=echo,
+        tools=tools, tool_choice=tool_choice, output_format=output_format, dialect="responses",
+        ignored=tuple(sorted(ignored)), echo=echo,
     )
     return Parsed(request)
 
@@ -145,11 +150,14 @@ def _input(raw: Any) -> tuple[list[str], tuple[Message, ...]]:
             if role not in ("user", "assistant", "system", "developer"):
                 raise errors.InvalidRequest(f"'{param}.role' must be user, assistant, system or developer.",
                                             param=f"{param}.role")
-            text = _text(item.get("content"), f"{param}.content")
+            text, attached = _content(item.get("content"), f"{param}.content")
+            if attached and role != "user":
+                raise errors.InvalidRequest(f"'{param}.content': only user messages may hold images or files.",
+                                            param=attached[0].where)
             if role in ("system", "developer"):
                 developer.append(text)
             else:
-                out.append(Message.of(role, text))
+                out.append(Message(role, (Text(text), *attached)))
         elif kind in ("function_call", "custom_tool_call"):
             call_id, name = item.get("call_id"), item.get("name")
             arguments = item.get("arguments" if kind == "function_call" else "input", "")
@@ -161,8 +169,8 @@ def _input(raw: Any) -> tuple[list[str], tuple[Message, ...]]:
             if not isinstance(call_id, str):
                 raise errors.InvalidRequest(f"'{param}.call_id' must be a string.", param=param)
             output = item.get("output")
-            result = output if isinstance(output, str) else _text(output, f"{param}.output")
-            out.append(Message("tool", (ToolResult(call_id, result),)))
+            result, attached = (output, []) if isinstance(output, str) else _content(output, f"{param}.output")
+            out.append(Message("tool", (ToolResult(call_id, result, attachments=tuple(attached)),)))
         elif kind == "reasoning":
             continue  # droid keeps its own reasoning; a client's copy is accepted and not resent
         else:
@@ -174,22 +182,30 @@ def _input(raw: Any) -> tuple[list[str], tuple[Message, ...]]:
     return developer, tuple(out)
 
 
-def _text(content: Any, param: str) -> str:
+def _content(content: Any, param: str) -> tuple[str, list[Attachment]]:
+    """A message's (or a tool output's) text, and the images and files it attaches, in order."""
     if isinstance(content, str):
-        return content
+        return content, []
     if not isinstance(content, list):
         raise errors.InvalidRequest(f"'{param}' must be a string or an array of content parts.", param=param)
-    texts = []
+    texts: list[str] = []
+    attached: list[Attachment] = []
     for index, part in enumerate(content):
+        where = f"{param}[{index}]"
         kind = part.get("type") if isinstance(part, Mapping) else None
         if kind in TEXT_PARTS and isinstance(part, Mapping) and isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif kind == "refusal" and isinstance(part, Mapping):
             texts.append(str(part.get("refusal", "")))
+        elif kind == "input_image" and isinstance(part, Mapping):
+            attached.append(openai_wire.image_attachment(part.get("image_url"), part.get("file_id"), where))
+        elif kind == "input_file" and isinstance(part, Mapping):
+            attached.append(openai_wire.file_attachment(part.get("file_data"), part.get("file_url"),
+                                                        part.get("file_id"), part.get("filename"), where))
         else:
-            raise errors.InvalidRequest(f"Content part type {kind!r} is not supported; send text.",
-                                        param=f"{param}[{index}]")
-    return "".join(texts)
+            raise errors.InvalidRequest(f"Content part type {kind!r} is not supported; send input_text, input_image "
+                                        "or input_file.", param=where)
+    return "".join(texts), attached
 
 
 # --- response objects ---------------------------------------------------------------------------
@@ -228,7 +244,8 @@ def response_object(
         "incomplete_details": None, "instructions": echo.get("instructions"), "model": model, "output": output,
         "parallel_tool_calls": True, "previous_response_id": echo.get("previous_response_id"),
         "reasoning": echo.get("reasoning") or {"effort": None, "summary": None}, "store": echo.get("store", True),
-        "temperature": None, "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
+        "temperature": None, "text": echo.get("text") or {"format": {"type": "text"}}, "tool_choice": "auto",
+        "tools": [],
         "top_p": None, "truncation": "disabled", "usage": usage_body(usage, standard_tokens) if usage is not None else None,
         "user": None, "metadata": {},
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import structlog
@@ -25,6 +26,7 @@ from .context import (
     read_json,
 )
 from .dialect import Dialect, Encoder, Parsed
+from .fetch import fetch_new
 from .forward import ForwardFailed, forward, from_node
 from .sse import SSE_HEADERS, SSEWriter
 
@@ -34,9 +36,11 @@ log = structlog.get_logger(__name__)
 async def serve_turn(request: web.Request, dialect: Dialect) -> web.StreamResponse:
     started = time.monotonic()
     parsed = dialect.parse(await read_json(request), request.headers)
-    turn_request = parsed.turn
     principal = request[PRINCIPAL]
     service = request.app[TURNS]
+    if service.attachment_limits.fetch_urls:
+        parsed = dataclasses.replace(parsed, turn=await fetch_new(parsed.turn, service.attachment_limits))
+    turn_request = parsed.turn
     if not principal.allows_model(service.catalog.alias(turn_request.model)):
         raise errors.Forbidden(f"This API key may not use the model {turn_request.model!r}.",
                                param="model", code="model_not_allowed")

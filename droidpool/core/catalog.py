@@ -78,6 +78,10 @@ class Catalog:
                 return model
         return {"id": model_id}
 
+    def sees_images(self, model_id: str) -> bool:
+        """Whether droid sends the model images (its entry lacks ``noImageSupport``)."""
+        return not self.info(model_id).get("noImageSupport")
+
     def resolve(self, name: str, reasoning_effort: str | None = None) -> str:
         """droid's id for a client's model name, or ModelNotFound; checks the reasoning effort."""
         return self.resolve_with_effort(name, reasoning_effort)[0]

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import orjson
 
-from .model import Message, Part, Text, ToolCall, ToolResult
+from droidpool.droid.protocol import File, Image, UserMessage
+
+from .model import Attachment, Message, OutputFormat, Part, Text, ToolCall, ToolResult
 
 _SPACE = re.compile(r"\s+")
 
@@ -34,7 +36,7 @@ def canonical(messages: Iterable[Message]) -> list[Message]:
         if results and message.role != "tool":
             out.extend(Message("tool", (r,)) for r in results)
             rest = tuple(p for p in message.parts if not isinstance(p, ToolResult))
-            if any(isinstance(p, Text) and p.text.strip() for p in rest):
+            if any(isinstance(p, Attachment) or (isinstance(p, Text) and p.text.strip()) for p in rest):
                 out.append(Message(message.role, rest))
             continue
         if message.role == "tool" and len(results) > 1:
@@ -59,6 +61,7 @@ def _hashed(message: Message) -> str:
     # Text-only messages hash as they always have: role and normalized text. A message with tool
     # calls is known by its calls (their ids are unique): clients that resend it without the
     # text that came with the calls, or with the text in an item of its own, still match.
+    # Attachments are known by the hash of their bytes, whatever the dialect wrapped them in.
     calls = any(isinstance(p, ToolCall) for p in message.parts)
     form = f"{message.role}\0{'' if calls else normalize(message.text)}"
     for part in message.parts:
@@ -66,6 +69,9 @@ def _hashed(message: Message) -> str:
             form += f"\0call\0{part.id}\0{part.name}\0{_arguments(part.arguments)}"
         elif isinstance(part, ToolResult):
             form += f"\0result\0{part.call_id}\0{int(part.is_error)}\0{normalize(part.content)}"
+            form += "".join(f"\0{a.kind}\0{a.sha256}" for a in part.attachments)
+        elif isinstance(part, Attachment):
+            form += f"\0{part.kind}\0{part.sha256}"
     return form
 
 
@@ -89,17 +95,25 @@ def split(messages: Sequence[Message]) -> Split:
     return Split(tuple(messages[: last_assistant + 1]), tuple(messages[last_assistant + 1 :]))
 
 
-def _render(parts: Sequence[Part]) -> str:
+def _render(parts: Sequence[Part], labels: bool = False) -> str:
+    """A message's text for droid. Attachments go to droid as files of their own: a user's are
+    left out of the text, unless ``labels`` (a transcript) names them where they stood."""
     out = []
     for part in parts:
         if isinstance(part, Text):
             out.append(part.text)
+        elif isinstance(part, Attachment):
+            if labels:
+                out.append(part.label)
         elif isinstance(part, ToolCall):
             out.append(f"[tool call {part.id}: {part.name}({part.arguments})]")
         else:
             status = "error" if part.is_error else "result"
             out.append(f"[tool {status} for {part.call_id}]\n{part.content}")
-    return "".join(out) if all(isinstance(p, Text) for p in parts) else "\n".join(out)
+            out.extend(a.label for a in part.attachments)
+    if all(isinstance(p, Text) for p in parts) or (not labels and all(isinstance(p, Text | Attachment) for p in parts)):
+        return "".join(out)
+    return "\n".join(out)
 
 
 def turn_text(new: Sequence[Message]) -> str:
@@ -119,11 +133,26 @@ def transcript_prompt(history: Sequence[Message], new: Sequence[Message]) -> str
         "<conversation>",
     ]
     for message in history:
-        lines.append(f"<{message.role}>\n{_render(message.parts)}\n</{message.role}>")
+        lines.append(f"<{message.role}>\n{_render(message.parts, labels=True)}\n</{message.role}>")
     lines.append("</conversation>")
     lines.append("")
     lines.append(turn_text(new))
     return "\n".join(lines)
+
+
+def attachments(messages: Iterable[Message]) -> list[Attachment]:
+    """The attachments droid is sent with the prompt of ``messages``, in order."""
+    return [a for m in messages for a in m.attachments]
+
+
+def user_message(prompt: str, attached: Sequence[Attachment], output_format: OutputFormat | None) -> UserMessage:
+    """What droid is given for a turn: the prompt, its checked attachments, the answer's schema."""
+    return UserMessage(
+        prompt,
+        images=tuple(Image(a.media_type, a.data) for a in attached if a.kind == "image"),
+        files=tuple(File(a.media_type, a.data, a.name, a.is_text) for a in attached if a.kind == "document"),
+        output_schema=output_format.schema if output_format is not None else None,
+    )
 
 
 MAX_KEY_CHARS = 200

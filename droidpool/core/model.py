@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +22,50 @@ class Text:
     text: str
 
 
+AttachmentKind = Literal["image", "document"]
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """An image or a document a message carries: its bytes (or, before fetching, a URL), media
+    type and name. Known by ``sha256``: the same bytes resent are the same attachment.
+
+    ``where`` names the part in the client's request (errors name it); ``problem`` says why the
+    dialect could not read it. A problem is reported when the turn is admitted rather than at
+    parse time, so a parked turn whose results carry it is released (``core/attachments.py``)."""
+
+    kind: AttachmentKind
+    media_type: str
+    data: bytes = b""
+    name: str = ""
+    url: str | None = None
+    where: str = field(default="", compare=False)
+    problem: str | None = field(default=None, compare=False)
+    sha256: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.sha256:
+            source = self.data if self.url is None else self.url.encode()
+            object.__setattr__(self, "sha256", hashlib.sha256(source).hexdigest())
+
+    @property
+    def is_text(self) -> bool:
+        """A document droid takes as text (``files`` entry of type text), not as base64."""
+        return self.kind == "document" and is_text_type(self.media_type)
+
+    @property
+    def label(self) -> str:
+        """How the attachment is named in text droid reads (tool results, transcripts)."""
+        return f"[{self.kind}: {self.name or self.media_type}, {len(self.data)} bytes]"
+
+
+TEXT_DOCUMENT_TYPES = frozenset({"application/json", "application/xml", "application/x-yaml", "application/yaml"})
+
+
+def is_text_type(media_type: str) -> bool:
+    return media_type.startswith("text/") or media_type in TEXT_DOCUMENT_TYPES
+
+
 @dataclass(frozen=True, slots=True)
 class ToolCall:
     """The assistant asked the client to run a tool; ``arguments`` is JSON text."""
@@ -37,9 +82,10 @@ class ToolResult:
     call_id: str
     content: str
     is_error: bool = False
+    attachments: tuple[Attachment, ...] = ()  # images (or documents) the tool returned
 
 
-Part = Text | ToolCall | ToolResult
+Part = Text | Attachment | ToolCall | ToolResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +103,15 @@ class Message:
     def text(self) -> str:
         return "".join(p.text for p in self.parts if isinstance(p, Text))
 
+    @property
+    def attachments(self) -> Iterator[Attachment]:
+        """Every attachment of the message, tool results' included, in order."""
+        for part in self.parts:
+            if isinstance(part, Attachment):
+                yield part
+            elif isinstance(part, ToolResult):
+                yield from part.attachments
+
 
 @dataclass(frozen=True, slots=True)
 class ToolSpec:
@@ -65,6 +120,16 @@ class ToolSpec:
     name: str
     description: str = ""
     parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputFormat:
+    """Structured output: the final answer is JSON that matches ``schema`` (droid's ``outputFormat``)."""
+
+    schema: Mapping[str, Any]
+    name: str = ""
+    strict: bool = False
+    where: str = field(default="", compare=False)  # the request parameter that asked for it
 
 
 # --- the request ----------------------------------------------------------------------------------
@@ -92,6 +157,7 @@ class TurnRequest:
     keep_output: bool = False  # store the output so it can be fetched again by its turn id
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: Literal["auto", "none"] = "auto"  # none: no client tool is offered this turn
+    output_format: OutputFormat | None = None  # the answer must be JSON matching a schema
     dialect: Dialect = "openai"
     ignored: tuple[str, ...] = ()  # accepted parameters that have no effect, for the client to see
     echo: Mapping[str, Any] = field(default_factory=dict)  # dialect data kept with a kept output

@@ -22,15 +22,8 @@ from droidpool.droid.protocol import (
     Usage,
 )
 
+from .failures import failure_for
 from .model import Output, ReasoningOut, TextOut, ToolArgsOut, ToolCall, ToolCallOut
-
-# agent_turn_completed reasons for failed turns → the error a client sees.
-_FAILURES: dict[str, type[errors.DroidpoolError]] = {
-    "model_rate_limited": errors.Overloaded,
-    "model_provider_unreachable": errors.UpstreamError,
-    "model_provider_unavailable": errors.UpstreamError,
-    "model_authentication_failed": errors.UpstreamError,
-}
 
 MESSAGE_SEPARATOR = "\n\n"  # between the texts of a turn's assistant messages
 
@@ -65,10 +58,17 @@ class Accumulator:
     tool_calls: list[ToolCall] = field(default_factory=list)
     permission: PermissionAsked | None = None  # droid waits for this answer: the turn parks
     saw_tool_search: bool = False  # the LLM had to search for the client's tools (they were deferred)
+    # A structured answer: droid validates the final message and may reject it and retry, so no
+    # text is sent until droid accepts one; ``text`` is then the accepted message alone.
+    structured: bool = False
 
     def feed(self, event: TurnEvent) -> list[Output]:
         """What to send the client for ``event``."""
         if isinstance(event, TextDelta):
+            if self.structured:
+                self._messages.setdefault(event.message_id, _MessageText()).text += event.text
+                self._last_message = event.message_id
+                return []
             text = self._fresh_text(event.message_id, event.text)
             return [TextOut(text)] if text else []
         if isinstance(event, ThinkingDelta):
@@ -139,6 +139,9 @@ class Accumulator:
 
     @property
     def text(self) -> str:
+        if self.structured:
+            last = self._messages.get(self._last_message) if self._last_message is not None else None
+            return last.text.strip() if last is not None else ""
         return MESSAGE_SEPARATOR.join(m.text for m in self._messages.values() if m.text)
 
     @property
@@ -147,8 +150,4 @@ class Accumulator:
 
     def failure(self) -> errors.DroidpoolError | None:
         """The error to report if the turn failed (None when it completed)."""
-        reason = self.completed.reason if self.completed else "incomplete"
-        if reason == "completed":
-            return None
-        detail = "; ".join(self.problems) or f"droid ended the turn: {reason}"
-        return _FAILURES.get(reason, errors.UpstreamError)(detail, code=f"droid_{reason}")
+        return failure_for(self.completed.reason if self.completed else "incomplete", self.problems)

@@ -10,6 +10,7 @@ the clients' own.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import secrets
@@ -135,14 +136,15 @@ class ToolBroker:
         return [{"name": mcp_name(t.name), "description": t.description,
                  "inputSchema": dict(t.parameters) or {"type": "object", "properties": {}}} for t in entry.tools]
 
-    def call(self, entry: SessionTools, name: str, arguments: Mapping[str, Any] | None) -> tuple[str, bool]:
-        """droid calls a tool: the client's result for it (its text, and whether it is an error)."""
+    def call(self, entry: SessionTools, name: str, arguments: Mapping[str, Any] | None) -> tuple[list[dict[str, Any]], bool]:
+        """droid calls a tool: the client's result for it, as MCP content (text, then images and
+        text documents), and whether it is an error."""
         waiting = entry.results.get((name, canonical_arguments(arguments or {})))
         if not waiting:
-            return (f"droidpool has no result for {name} with these arguments: the client did not send one, "
-                    "or the call changed."), True
+            return [{"type": "text", "text": f"droidpool has no result for {name} with these arguments: the client "
+                                             "did not send one, or the call changed."}], True
         result = waiting.pop(0)
-        return result.content, result.is_error
+        return mcp_content(result), result.is_error
 
     def listen(
         self, entry: SessionTools
@@ -164,6 +166,23 @@ class ToolBroker:
                 listener.send_nowait(data)
             except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass  # a slow or gone listener misses a change; droid re-lists on reconnect
+
+
+def mcp_content(result: ToolResult) -> list[dict[str, Any]]:
+    """A tool result as MCP content blocks: its text, each image, each text document."""
+    content: list[dict[str, Any]] = [{"type": "text", "text": result.content}] if result.content or not \
+        result.attachments else []
+    for attachment in result.attachments:
+        if attachment.kind == "image":
+            content.append({"type": "image", "data": base64.b64encode(attachment.data).decode("ascii"),
+                            "mimeType": attachment.media_type})
+        elif attachment.is_text:
+            content.append({"type": "text", "text": attachment.data.decode("utf-8", "replace")})
+        else:  # a PDF: an embedded resource
+            content.append({"type": "resource", "resource": {
+                "uri": f"attachment:///{attachment.name or attachment.sha256[:16]}", "mimeType": attachment.media_type,
+                "blob": base64.b64encode(attachment.data).decode("ascii")}})
+    return content
 
 
 def offered_directly(exemptions: Sequence[str] | None, server_name: str = SERVER_NAME) -> bool | None:

@@ -14,7 +14,7 @@ from droidpool.droid.worker import TurnStream, Worker
 from droidpool.store.base import TurnRow
 
 from .access import Access
-from .model import Message, Output, TurnRequest, TurnResult
+from .model import Message, Output, TextOut, TurnRequest, TurnResult
 from .output import Accumulator
 
 
@@ -54,6 +54,7 @@ class Turn:
     parked: bool = False
     model_id: str = ""  # the droid model it runs on
     ledger_row: TurnRow | None = None  # its row in the usage ledger, once recorded
+    attached: tuple[int, int] = (0, 0)  # the images and documents it gave droid: how many, how many bytes
 
     @property
     def created(self) -> int:
@@ -68,13 +69,22 @@ class Turn:
         return self.first_token_at - self.started if self.first_token_at is not None else None
 
     async def outputs(self, tick_s: float) -> AsyncIterator[Output | None]:
-        """What to send, as droid produces it; None after ``tick_s`` of silence (keep-alive)."""
+        """What to send, as droid produces it; None after ``tick_s`` with nothing to send (keep-alive:
+        droid is silent, or its text is held back, as a structured answer's is until droid accepts it)."""
+        quiet_since = time.monotonic()
         async for event in self._events(tick_s):
             if event is None:
+                quiet_since = time.monotonic()
                 yield None
                 continue
-            for output in self.accumulator.feed(event):
+            outputs = self.accumulator.feed(event)
+            for output in outputs:
                 yield output
+            if outputs:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= tick_s:
+                quiet_since = time.monotonic()
+                yield None
             if self.accumulator.permission is not None:
                 self.result = await self._park(self)  # droid waits for the client's results
                 return
@@ -82,6 +92,8 @@ class Turn:
         if failure is not None:
             raise failure
         self.result = await self._complete(self)
+        if self.accumulator.structured and self.result.text:
+            yield TextOut(self.result.text)  # the answer droid accepted, recorded already
 
     async def _events(self, tick_s: float) -> AsyncIterator[TurnEvent | None]:
         while True:
@@ -120,4 +132,5 @@ class Turn:
         assert self.head is not None
         return Turn(turn_id, self.session_id, self.worker, False, request, access, self.head, sent, self._stream,
                     self._deadlines, self._complete, self._park,
-                    Accumulator(client_name=self.accumulator.client_name), model_id=self.model_id)
+                    Accumulator(client_name=self.accumulator.client_name, structured=self.accumulator.structured),
+                    model_id=self.model_id)

@@ -29,14 +29,14 @@ from droidpool.droid.worker import SessionSettings
 from droidpool.pool.pool import Pool, Want
 from droidpool.store.base import SessionRecord, SessionStore, TurnRow
 
-from . import conversation
+from . import attachments, conversation
 from .access import PUBLIC, Access
 from .catalog import Catalog
 from .ledger import Ledger
-from .pricing import Cost
-from .model import Message, Text, ToolResult, TurnRequest, TurnResult
+from .model import Attachment, Message, Text, ToolResult, TurnRequest, TurnResult
 from .nodes import Cluster, Forward, route
 from .output import Accumulator
+from .pricing import Cost
 from .sessions import Sessions, key_lock
 from .tools import LLM_PREFIX, ToolBroker, client_name
 from .turn import Deadlines, Turn
@@ -58,6 +58,7 @@ class Run:
     """One droid turn's driver: the request currently reading it, and how it ends."""
 
     turn: Turn
+    refused: bool = False  # its results could not be taken (what they attach): released at once
     release: anyio.Event = field(default_factory=anyio.Event)  # no request will read it again
     finished: anyio.Event = field(default_factory=anyio.Event)  # everything it held is released
     expiry: anyio.CancelScope | None = None
@@ -86,8 +87,10 @@ class TurnService:
         tool_limits: ToolLimits | None = None,
         ledger: Ledger | None = None,
         cluster: Cluster | None = None,
+        attachment_limits: attachments.Limits | None = None,
     ) -> None:
         self.pool = pool
+        self.attachment_limits = attachment_limits or attachments.Limits()
         self.store = store
         self.base_settings = base_settings
         self.catalog = catalog
@@ -146,8 +149,11 @@ class TurnService:
             request = dataclasses.replace(request, reasoning_effort=effort)
         self.ledger.check_model(model_id, access.allow_unpriced)
         await self.ledger.admit(access.owner)
-        run = await self._resume(request, access)
+        run = await self._resume(request, access, model_id)
         if run is None:
+            # What the new messages attach is checked before any lock or lease (and again in _open,
+            # with the history's when a new session is given it).
+            self._attachments(conversation.split(request.messages).new, request, model_id)
             run = await self._start(request, model_id, access, local)
         try:
             yield run.turn
@@ -216,6 +222,7 @@ class TurnService:
             session_id = record.session_id
             base = record.head_digest or seed
             sent: tuple[Message, ...] = split.new
+            attached = self._attachments(sent, request, model_id)
             prompt = conversation.turn_text(split.new)
             if any(isinstance(p, ToolResult) for m in split.new for p in m.parts):
                 self.counters["tool_results_fallback"] += 1
@@ -224,6 +231,8 @@ class TurnService:
             await self.store.begin_turn(session_id)
         else:
             record = None
+            sent = (*split.history, *split.new)
+            attached = self._attachments(sent, request, model_id)
             placeholder = f"\0new-{uuid.uuid4().hex}"
             want = self._want(model_id, request, request.system, access, placeholder)
             worker = await self.sessions.lease_new(want, request, access, stack)
@@ -233,7 +242,6 @@ class TurnService:
                 await self.cluster.claim_new(session_id)
             self.broker.rename(placeholder, session_id)
             base = seed
-            sent = (*split.history, *split.new)
             prompt = conversation.transcript_prompt(split.history, split.new)
         log.debug("turn.start", session=session_id, worker=worker.id, new=record is None, prompt=prompt)
         runs: list[Run] = []
@@ -243,13 +251,20 @@ class TurnService:
         def park(asked: PermissionAsked) -> bool:
             return all(client_name(entry, use.name) is not None for use in asked.tool_uses)
 
-        stream = await stack.enter_async_context(worker.turn(prompt, self.deadlines.interrupt_grace_s, park))
+        message = conversation.user_message(prompt, attached, request.output_format)
+        stream = await stack.enter_async_context(worker.turn(message, self.deadlines.interrupt_grace_s, park))
         turn = Turn(uuid.uuid4().hex, session_id, worker, record is None, request, access, base, sent, stream,
                     self.deadlines, self._complete, self._park,
-                    Accumulator(client_name=lambda name: client_name(self.broker.get(session_id), name)),
-                    model_id=model_id)
+                    Accumulator(client_name=lambda name: client_name(self.broker.get(session_id), name),
+                                structured=request.output_format is not None),
+                    model_id=model_id, attached=(len(attached), sum(len(a.data) for a in attached)))
         runs.append(Run(turn))
         return runs[0]
+
+    def _attachments(self, messages: tuple[Message, ...], request: TurnRequest, model_id: str) -> list[Attachment]:
+        """What ``messages`` attach, checked for droid (a 400 naming the part otherwise)."""
+        return attachments.check(conversation.attachments(messages), self.attachment_limits, model=request.model,
+                                 sees_images=self.catalog.sees_images(model_id))
 
     def _want(self, model_id: str, request: TurnRequest, system: str | None, access: Access, key: str) -> Want:
         """What the pool must give this turn, MCP servers included: a session with client tools
@@ -312,7 +327,7 @@ class TurnService:
                 log.warning("turn.park_expired", session=run.turn.session_id, after_s=self.tool_limits.park_timeout_s)
                 run.release.set()
 
-    async def _resume(self, request: TurnRequest, access: Access) -> Run | None:
+    async def _resume(self, request: TurnRequest, access: Access, model_id: str) -> Run | None:
         """The parked turn this request brings the results for, carried on; None if there is
         none (a request for a session with a parked turn but no results cancels that turn)."""
         if not self.parked:
@@ -334,6 +349,17 @@ class TurnService:
             raise errors.InvalidRequest(
                 f"The tool results answer {sorted(got)}, but the pending calls are {sorted(wanted)}: "
                 "send one result for each of them.", param="messages")
+        try:
+            checked = {a.sha256: a for a in self._attachments(new, request, parked.model_id or model_id)}
+        except errors.InvalidRequest as exc:
+            # No retry of these results can succeed: the turn gives its worker back now.
+            run.refused = True
+            self.counters["resume_refused"] += 1
+            log.info("turn.resume_refused", session=parked.session_id, why=exc.message)
+            await self._unpark(run)
+            raise
+        new = attachments.replaced(new, lambda a: checked.get(a.sha256, a))  # the types their bytes say
+        results = [p for m in new for p in m.parts if isinstance(p, ToolResult)]
         permission = parked.accumulator.permission
         assert permission is not None
         by_id = {r.call_id: r for r in results}
@@ -341,7 +367,11 @@ class TurnService:
         if text:  # droid cannot take a message mid-turn: the client's words go with the last result
             last = by_id[permission.tool_uses[-1].id]
             by_id[last.call_id] = ToolResult(last.call_id, f"{last.content}\n\n[The user added: {text}]",
-                                             last.is_error)
+                                             last.is_error, last.attachments)
+        added = tuple(p for m in new if m.role != "tool" for p in m.parts if isinstance(p, Attachment))
+        if added:  # images beside the results (not in one) go with the last result too
+            last = by_id[permission.tool_uses[-1].id]
+            by_id[last.call_id] = ToolResult(last.call_id, last.content, last.is_error, (*last.attachments, *added))
         del self.parked[parked.session_id]
         if run.expiry is not None:
             run.expiry.cancel()
@@ -349,6 +379,7 @@ class TurnService:
                                                for use in permission.tool_uses])
         await self.store.begin_turn(parked.session_id)
         run.turn = parked.resumed(uuid.uuid4().hex, request, access, tuple(new))
+        run.turn.attached = (len(checked), sum(len(a.data) for a in checked.values()))
         self.counters["resumed"] += 1
         log.info("turn.resumed", session=parked.session_id, results=len(results))
         await parked.worker.answer_permission(permission.request_id, "proceed_once")
@@ -388,8 +419,8 @@ class TurnService:
         kept = {"result": result.to_json(), "echo": dict(turn.request.echo)} if turn.request.keep_output else None
         row = self.ledger.priced_row(TurnRow(
             turn.turn_id, turn.session_id, turn.request.model, result.usage, turn.started_at, turn.access.owner,
-            turn.request.dialect, kept, droid_model=turn.model_id, conversation_key=turn.request.conversation_key),
-            cost)
+            turn.request.dialect, kept, droid_model=turn.model_id, conversation_key=turn.request.conversation_key,
+            attachments=turn.attached[0], attachment_bytes=turn.attached[1]), cost)
         with anyio.CancelScope(shield=True):
             await self.store.complete_turn(row, head)
             await self._save_files(turn.session_id)
@@ -411,8 +442,11 @@ class TurnService:
         row = self.ledger.priced_row(TurnRow(
             turn.turn_id if turn else uuid.uuid4().hex, session_id, asked.model, usage,
             turn.started_at if turn else time.time(), access.owner, asked.dialect,
-            status="park_ended" if turn is not None and turn.parked else "failed",
-            droid_model=model_id, conversation_key=asked.conversation_key), self.ledger.cost(model_id, usage))
+            status=("resume_refused" if runs and runs[0].refused else "park_ended") if turn is not None and turn.parked
+            else "failed",
+            droid_model=model_id, conversation_key=asked.conversation_key,
+            attachments=turn.attached[0] if turn else 0, attachment_bytes=turn.attached[1] if turn else 0),
+            self.ledger.cost(model_id, usage))
         with anyio.CancelScope(shield=True):
             await self.store.fail_turn(row, diverge=not (turn is not None and turn.parked))
             await self._save_files(session_id)

@@ -20,7 +20,9 @@ from droidpool.api.browser import BrowserPolicy
 from droidpool.api.mcp import build_mcp_app
 from droidpool.api.metrics import Metrics
 from droidpool.config import Config, ConfigError, node_secret, store_url
+from droidpool.core import failures
 from droidpool.core.access import Authenticator, load_keys
+from droidpool.core.attachments import Limits
 from droidpool.core.catalog import Catalog
 from droidpool.core.ledger import Ledger
 from droidpool.core.nodes import Cluster
@@ -34,6 +36,7 @@ from droidpool.droid.launch import (
     byok_names,
     deferral_exemptions,
     launch_spec,
+    turn_end_reasons,
 )
 from droidpool.droid.sessions import apply_prune, droid_sessions_dir, plan_prune
 from droidpool.droid.worker import LaunchSpec
@@ -92,7 +95,13 @@ def build_turns(config: Config, pool: Pool, store: SessionStore, broker: ToolBro
         aliases=config.models.aliases,
     )
     return TurnService(pool, store, base_settings(config), catalog, deadlines(config), broker, tool_limits(config),
-                       build_ledger(config, store, catalog), cluster)
+                       build_ledger(config, store, catalog), cluster, attachment_limits(config))
+
+
+def attachment_limits(config: Config) -> Limits:
+    a = config.attachments
+    return Limits(a.max_image_bytes, a.max_document_bytes, a.max_count, a.max_total_bytes, a.fetch_urls,
+                  a.fetch_timeout_s)
 
 
 def pricing(config: Config) -> Pricing:
@@ -126,6 +135,10 @@ async def tool_endpoint(broker: ToolBroker) -> AsyncIterator[str]:
 async def running_turns(config: Config, pool: Pool, store: SessionStore) -> AsyncIterator[TurnService]:
     """The turn service with its tasks and, when client tools are on, its MCP endpoint."""
     broker = ToolBroker()
+    reasons = await anyio.to_thread.run_sync(turn_end_reasons, pool.spec.argv[0])
+    unmapped = sorted(set(reasons or ()) - set(failures.TABLE) - failures.SUCCESS_REASONS)
+    if unmapped:  # a newer droid: these fail as 502s naming the reason until droidpool maps them
+        log.warning("droidpool.unmapped_turn_end_reasons", reasons=unmapped)
     async with AsyncExitStack() as stack:
         if config.tools.enabled:
             await stack.enter_async_context(tool_endpoint(broker))
@@ -224,6 +237,7 @@ class Daemon:
         self.auth.set_keys(keys)
         self.turns.deadlines = deadlines(new)
         self.turns.tool_limits = tool_limits(new)
+        self.turns.attachment_limits = attachment_limits(new)
         self.turns.catalog.aliases = dict(new.models.aliases)
         self.turns.ledger.reconfigure(pricing(new), new.budgets.limits, new.budgets.warn_at)
         if new.server.log_level != self.config.server.log_level:

@@ -111,6 +111,27 @@ def deferral_exemptions(binary: str) -> tuple[str, ...] | None:
     return tuple(name.strip(b'"').decode() for name in names.split(b","))
 
 
+# The reasons ``agent_turn_completed`` can carry, a string enum in droid 0.225.2's bundle:
+#   ((s)=>{s.Completed="completed";...;s.SpecHandoff="spec_handoff";...})(zo||={})
+_TURN_END_REASONS = re.compile(
+    rb'\(\((\w{1,3})\)=>\{(\1\.Completed="completed";(?:\1\.\w+="[a-z_]+";)*?\1\.SpecHandoff="spec_handoff";'
+    rb'(?:\1\.\w+="[a-z_]+";?)*)\}\)')
+
+
+def turn_end_reasons(binary: str) -> tuple[str, ...] | None:
+    """Every reason droid can end a turn with (read from its binary, ~0.2 s), or None when the
+    enum is not found (another build, or a wrapper script)."""
+    try:
+        with open(binary, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            match = _TURN_END_REASONS.search(data)
+            body = bytes(match.group(2)) if match is not None else None
+    except (OSError, ValueError):
+        return None
+    if body is None:
+        return None
+    return tuple(value.decode() for value in re.findall(rb'="([a-z_]+)"', body))
+
+
 def launch_spec(config: Config) -> LaunchSpec:
     cwd = config.worker_cwd
     cwd.mkdir(parents=True, exist_ok=True)

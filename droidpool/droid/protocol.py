@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,61 @@ def encode_response(request_id: Any, result: dict[str, Any]) -> bytes:
             "result": result,
         }
     ) + b"\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    media_type: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class File:
+    """A document: text (sent as it is) or binary, a PDF (sent as base64)."""
+
+    media_type: str
+    data: bytes
+    name: str = ""
+    text: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UserMessage:
+    """What ``droid.add_user_message`` gives droid: text, images, documents and, for a structured
+    answer, the JSON schema droid makes the final answer match (``outputFormat``)."""
+
+    text: str
+    images: tuple[Image, ...] = ()
+    files: tuple[File, ...] = ()
+    output_schema: Mapping[str, Any] | None = None
+
+    def params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"text": self.text}
+        if self.images:
+            params["images"] = [{"type": "base64", "mediaType": i.media_type, "data": _b64(i.data)}
+                                for i in self.images]
+        if self.files:
+            params["files"] = [_file(f) for f in self.files]
+        if self.output_schema is not None:
+            params["outputFormat"] = {"type": "json_schema", "schema": dict(self.output_schema)}
+        return params
+
+
+def _file(f: File) -> dict[str, Any]:
+    if not f.text:
+        return {"type": "base64", "mediaType": f.media_type, "data": _b64(f.data), **_name(f.name)}
+    # droid 0.225.2 takes text files only as text/plain (any other mediaType: -32602 Invalid
+    # input); the real type goes in ``mime``.
+    mime = {"mime": f.media_type} if f.media_type != "text/plain" else {}
+    return {"type": "text", "mediaType": "text/plain", "data": f.data.decode("utf-8"), **_name(f.name), **mime}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _name(name: str) -> dict[str, str]:
+    return {"name": name} if name else {}
 
 
 class ProtocolError(ValueError):
@@ -246,8 +303,6 @@ def tool_uses(params: dict[str, Any]) -> tuple[ToolUse, ...]:
             out.append(ToolUse(use["id"], use["name"], use.get("input") if use.get("input") is not None else {}))
     return tuple(out)
 
-# agent_turn_completed reasons that mean the turn produced a usable answer.
-SUCCESS_REASONS = frozenset({"completed"})
 
 
 def turn_event(note: Notification) -> TurnEvent | None:

@@ -31,6 +31,7 @@ from .protocol import (
     ServerRequest,
     TurnCompleted,
     TurnEvent,
+    UserMessage,
     encode_request,
     encode_response,
     parse_line,
@@ -356,7 +357,8 @@ class Worker:
     # --- turns -------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def turn(self, text: str, interrupt_grace_s: float, park: ParkPolicy | None = None) -> AsyncIterator[TurnStream]:
+    async def turn(self, message: UserMessage | str, interrupt_grace_s: float,
+                   park: ParkPolicy | None = None) -> AsyncIterator[TurnStream]:
         """Run one turn; leaving early interrupts it and waits until droid reports it done.
 
         If droid does not stop within the grace, the worker is killed (and then reaped).
@@ -368,7 +370,9 @@ class Worker:
         self.last_used = time.monotonic()
         try:
             self.used = True
-            await self.call("droid.add_user_message", {"text": text})
+            if isinstance(message, str):
+                message = UserMessage(message)
+            await self.call("droid.add_user_message", message.params())
             self.turns += 1
             yield TurnStream(turn, self)
         finally:

@@ -83,6 +83,10 @@ class TurnRow:
     cost_source: str = "unpriced"
     usd: float | None = None
     finished_at: float | None = None  # None: when the store writes it
+    # What it sent droid besides text: the images and documents (their tokens are in ``usage``,
+    # as the upstream counted them).
+    attachments: int = 0
+    attachment_bytes: int = 0
 
 
 Dimension = Literal["key", "model", "session", "day", "dialect", "status", "bucket"]
@@ -109,11 +113,14 @@ class LedgerGroup:
     usage: Usage
     standard_tokens: float
     usd: float
+    attachments: int = 0
+    attachment_bytes: int = 0
 
     def to_json(self, by: tuple[str, ...]) -> dict[str, Any]:
         return {**dict(zip(by, self.group, strict=True)), "turns": self.turns, "failed_turns": self.failed,
                 **self.usage.to_json(), "factory_credits": round(self.usage.factory_credits, 4),
-                "standard_tokens": round(self.standard_tokens, 3), "usd": round(self.usd, 6)}
+                "standard_tokens": round(self.standard_tokens, 3), "usd": round(self.usd, 6),
+                "attachments": self.attachments, "attachment_bytes": self.attachment_bytes}
 
 
 @dataclass(frozen=True, slots=True)

@@ -130,6 +130,11 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (session_id, name, start_byte)
     );
     """,
+    # v3: what each turn sent droid besides text (SQLite's v7).
+    """
+    ALTER TABLE turns ADD COLUMN attachments BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE turns ADD COLUMN attachment_bytes BIGINT NOT NULL DEFAULT 0;
+    """,
 )
 
 _MATCHABLE = (
@@ -442,13 +447,14 @@ class PostgresStore:
         await conn.execute(
             "INSERT INTO turns (turn_id, seq, session_id, owner, model, dialect, status, started_at, finished_at, "
             "input_tokens, output_tokens, cache_read_tokens, cache_creation_tokens, thinking_tokens, output, "
-            "droid_model, conversation_key, factory_credits, multiplier, standard_tokens, cost_source, usd) "
+            "droid_model, conversation_key, factory_credits, multiplier, standard_tokens, cost_source, usd, "
+            "attachments, attachment_bytes) "
             "VALUES ($1, nextval('turns_seq'), $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, "
-            "$17, $18, $19, $20, $21) ON CONFLICT (turn_id) DO NOTHING",
+            "$17, $18, $19, $20, $21, $22, $23) ON CONFLICT (turn_id) DO NOTHING",
             turn.turn_id, turn.session_id, turn.owner, turn.model, turn.dialect, status, turn.started_at,
             turn.finished_at if turn.finished_at is not None else now, *usage_counts(turn.usage), output,
             turn.droid_model, turn.conversation_key, turn.usage.factory_credits, turn.multiplier,
-            turn.standard_tokens, turn.cost_source, turn.usd)
+            turn.standard_tokens, turn.cost_source, turn.usd, turn.attachments, turn.attachment_bytes)
 
     async def forget_output(self, turn_id: str, owner: str) -> bool:
         status = await self._db().execute(

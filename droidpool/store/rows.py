@@ -26,7 +26,7 @@ KEPT_TURN_COLUMNS = (
 LEDGER_SUMS = (
     "COUNT(*)", "SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END)", "SUM(input_tokens)", "SUM(output_tokens)",
     "SUM(cache_read_tokens)", "SUM(cache_creation_tokens)", "SUM(thinking_tokens)", "SUM(factory_credits)",
-    "SUM(standard_tokens)", "COALESCE(SUM(usd), 0)",
+    "SUM(standard_tokens)", "COALESCE(SUM(usd), 0)", "SUM(attachments)", "SUM(attachment_bytes)",
 )
 
 
@@ -59,4 +59,4 @@ def ledger_group(row: Sequence[Any], dimensions: int) -> LedgerGroup:
     n = dimensions
     return LedgerGroup(tuple(str(v) for v in row[:n]), int(row[n]), int(row[n + 1] or 0),
                        replace(_usage(row[n + 2:n + 7]), factory_credits=float(row[n + 7] or 0)),
-                       float(row[n + 8] or 0), float(row[n + 9] or 0))
+                       float(row[n + 8] or 0), float(row[n + 9] or 0), int(row[n + 10] or 0), int(row[n + 11] or 0))

@@ -136,6 +136,11 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (session_id, name, start_byte)
     );
     """,
+    # v7: what each turn sent droid besides text: images and documents, counted and in bytes.
+    """
+    ALTER TABLE turns ADD COLUMN attachments INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE turns ADD COLUMN attachment_bytes INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 # The ledger's group-by dimensions, as SQL over the turns table (a fixed list: nothing a caller
@@ -426,12 +431,14 @@ class SqliteStore:
         db.execute(
             "INSERT INTO turns (turn_id, session_id, owner, model, dialect, status, started_at, finished_at, "
             "input_tokens, output_tokens, cache_read_tokens, cache_creation_tokens, thinking_tokens, output, "
-            "droid_model, conversation_key, factory_credits, multiplier, standard_tokens, cost_source, usd) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (turn_id) DO NOTHING",
+            "droid_model, conversation_key, factory_credits, multiplier, standard_tokens, cost_source, usd, "
+            "attachments, attachment_bytes) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (turn_id) DO NOTHING",
             (turn.turn_id, turn.session_id, turn.owner, turn.model, turn.dialect, status, turn.started_at,
              turn.finished_at if turn.finished_at is not None else now, *usage_counts(turn.usage), output,
              turn.droid_model, turn.conversation_key,
-             turn.usage.factory_credits, turn.multiplier, turn.standard_tokens, turn.cost_source, turn.usd),
+             turn.usage.factory_credits, turn.multiplier, turn.standard_tokens, turn.cost_source, turn.usd,
+             turn.attachments, turn.attachment_bytes),
         )
 
     async def ledger_entries(self, after: int, since: float, limit: int) -> builtins.list[LedgerEntry]:

@@ -197,10 +197,10 @@ def test_anthropic_output_effort_wins_and_tool_blocks_are_kept() -> None:
     ({"model": "m", "messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
     ({"model": "m", "max_tokens": 5, "messages": []}, "messages"),
     ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
-        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "x"}}]}]},
-     "messages[0].content[0]"),
+        {"type": "image", "source": {"type": "nonsense"}}]}]},
+     "messages[0].content[0].source"),
     ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "document"}]}]},
-     "messages[0].content[0]"),
+     "messages[0].content[0].source"),
     ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"},
                                                   {"role": "assistant", "content": "prefill"}]}, "messages[1].role"),
     ({"model": "m", "max_tokens": 5, "tool_choice": {"type": "any"}, "messages": [{"role": "user", "content": "x"}]},
@@ -241,7 +241,7 @@ def test_responses_input_items_instructions_and_codex_tools() -> None:
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"model": "m"}, "input"),
-    ({"model": "m", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+    ({"model": "m", "input": [{"role": "user", "content": [{"type": "input_audio", "input_audio": "x"}]}]},
      "input[0].content[0]"),
     ({"model": "m", "input": "x", "text": {"format": {"type": "json_schema"}}}, "text.format"),
     ({"model": "m", "input": "x", "reasoning": {"effort": "galactic"}}, "reasoning.effort"),

@@ -60,11 +60,11 @@ def test_content_parts_and_developer_role() -> None:
         (body(messages=[]), "messages"),
         (body(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
         (body(messages=[{"role": "user", "content": 5}]), "messages[0].content"),
-        (body(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "messages[0].content"),
+        (body(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]), "messages[0].content[0]"),
         (body(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]), "messages[1].role"),
         (body(n=3), "n"),
         (body(logprobs=True), "logprobs"),
-        (body(response_format={"type": "json_object"}), "response_format"),
+        (body(response_format={"type": "grammar"}), "response_format"),
         (body(tool_choice="required"), "tool_choice"),
         (body(stream="yes"), "stream"),
         (body(reasoning_effort="enormous"), "reasoning_effort"),
@@ -126,18 +126,18 @@ def test_separate_assistant_messages_are_separated() -> None:
 
 
 @pytest.mark.parametrize(
-    ("reason", "kind", "status"),
-    [("model_authentication_failed", errors.UpstreamError, 502),
-     ("model_rate_limited", errors.Overloaded, 429),
-     ("error", errors.UpstreamError, 502)],
+    ("reason", "kind", "status", "code"),
+    [("model_authentication_failed", errors.UpstreamError, 502, "droid_model_authentication_failed"),
+     ("model_rate_limited", errors.UpstreamRateLimited, 429, "upstream_rate_limited"),
+     ("error", errors.UpstreamError, 502, "droid_error")],
 )
-def test_failed_turns_map_to_errors_carrying_droids_words(reason: str, kind: type, status: int) -> None:
+def test_failed_turns_map_to_errors_carrying_droids_words(reason: str, kind: type, status: int, code: str) -> None:
     acc = Accumulator()
     feed_all(acc, [TurnError("401 Invalid API key"), Notice("BYOK Error: details"), TurnCompleted(reason)])
     failure = acc.failure()
     assert isinstance(failure, kind) and failure.status == status
     assert "401 Invalid API key" in failure.message and "BYOK Error" in failure.message
-    assert openai_chat.DIALECT.error_body(failure)[1]["error"]["code"] == f"droid_{reason}"
+    assert openai_chat.DIALECT.error_body(failure)[1]["error"]["code"] == code
 
 
 class _Turn:

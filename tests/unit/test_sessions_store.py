@@ -37,7 +37,7 @@ async def test_a_v1_database_is_upgraded_in_place_and_keeps_every_mapping(tmp_pa
     assert (record.head_digest, record.turns, record.usage.input_tokens) == ("head-old", 3, 42)
     assert record.conversation_key is None and not record.diverged and not record.in_flight
     assert await store.find_head("head-old") == record  # a v1 session stays resumable statelessly
-    assert store._conn().execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 6
+    assert store._conn().execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 7
     assert record.owner == ""  # v1 and v2 sessions belong to the unauthenticated owner
     await store.close()
     again = await opened(path)  # opening an up-to-date file changes nothing
