@@ -32,6 +32,10 @@ FAKE_MODELS = {
     "fake-401": "err401",
     "fake-hang": "hang",
     "fake-tools": "tools",
+    "fake-json": "json",  # structured output: answers with JSON (tests/fakellm.py)
+    "fake-vision": "echo",  # with "noImageSupport": false, droid sends images upstream
+    "fake-vision-tools": "tools",  # the same for client tools returning images
+    "fake-noimage": "echo",  # "noImageSupport": true: droid sends a text note instead of each image
 }
 
 
@@ -142,6 +146,13 @@ def write_droid_home(home: Path, llm_url: str) -> Path:
     """A droid HOME whose settings define one BYOK model per fake-LLM scenario."""
     factory = home / ".factory"
     factory.mkdir(parents=True, exist_ok=True)
+    # Per-model settings keys beyond the common ones. droid 0.225.2 treats a custom model without
+    # "noImageSupport" as one without image support (tests/fixtures/rpc_attach_noimage.*).
+    extra: dict[str, dict[str, Any]] = {
+        "fake-vision": {"noImageSupport": False},
+        "fake-vision-tools": {"noImageSupport": False},
+        "fake-noimage": {"noImageSupport": True},
+    }
     models = [
         {
             "model": name,
@@ -150,6 +161,7 @@ def write_droid_home(home: Path, llm_url: str) -> Path:
             "apiKey": "dummy-test-key",
             "provider": "generic-chat-completion-api",
             "maxOutputTokens": 1000,
+            **extra.get(name, {}),
         }
         for name, scenario in FAKE_MODELS.items()
     ]

@@ -47,7 +47,56 @@ Turn directives (anywhere in the user text; they can be combined):
                        tools are called over MCP (initialize, tools/list, tools/call, with the
                        server's headers) and the answer is "Tool said: " + the results joined by
                        " | "; on cancel the turn ends; an interrupt while asking resolves the
-                       request as cancelled (recorded: rpc_client_tools_*.stdout.jsonl)
+                       request as cancelled (recorded: rpc_client_tools_*.stdout.jsonl). A tool
+                       result with image content: tool_result.content is a list of blocks
+                       ({"type":"image","source":{"type":"base64","mediaType","data"}}, text);
+                       the result in the answer is its text + " [+N image(s)]" for a model that
+                       takes images, else "[Image not shown: …]\n" + text, as the recorded LLM
+                       saw it (rpc_attach_tool_image*.stdout.jsonl)
+    [[fail:REASON]]    error notification, system user_only "BYOK Error: Simulated failure
+                       (REASON)" message, agent_turn_completed reason REASON (any string:
+                       model_usage_exhausted, prompt_rejected, structured_output_missing, ...);
+                       [[fail:REASON:MESSAGE]] uses MESSAGE as the error text
+    [[json:TEXT]]      (with outputFormat) every attempt answers TEXT (greedy up to the last "]]")
+    [[attempts:A||B||C]]  (with outputFormat) attempt n answers the n-th text (the last repeats)
+    [[image_error]]    (with images) the image cannot be used: fails like an image droid cannot
+                       shrink below its limit ("Unable to compress image below provider size
+                       limit"); [[image_error:MESSAGE]] uses MESSAGE
+
+droid.add_user_message also takes images, files and outputFormat, checked and answered as
+droid 0.225.2 does (recorded: tests/fixtures/rpc_attach_*, rpc_structured_*):
+    images   [{"type":"base64","mediaType":"image/png|jpeg|gif|webp","data":…}]; other shapes or
+             media types: -32602 with droid's zod text. Before the turn each image is checked
+             (PNG: signature and complete chunks up to IEND; JPEG: SOI; GIF/WEBP: refused, as
+             droid only re-encodes PNG/JPEG). A bad one: the request's {} response, then
+             agent_turn_completed reason error (a turn id of its own, no message, no idle), an
+             error notification and a second response to the same request id, -32603 with the
+             message ("There are some read requests waitng on finished stream", "unrecognised
+             content at end of stream", "SOI not found", "Unsupported image type for
+             compression. Only PNG and JPEG images are supported."). A good one is written to
+             $HOME/.factory/temp/images/<8 hex, one folder per process>/<uuid>.<png|jpeg>
+             (removed when the process exits normally), and the user message's content is
+             [image blocks, document blocks, text]. The answer gets " [images=N]" for a model
+             that takes images (FAKE_DROID_VISION_MODELS) or " [images=N not shown]". When the
+             session's images reach 10 (droid's media limit; above it the oldest 5 are dropped)
+             an llm_only "__internal__system-reminder__<uuid>" create_message follows the user
+             message. The fake does not re-encode images (droid scales them to 1024 px and
+             shrinks them under 200 KiB, as JPEG if needed).
+    files    [{"type":"text","mediaType":"text/plain","data","name"?,"mime"?}] or
+             [{"type":"base64","mediaType":"application/pdf","data","name"?,"parsedData"?}];
+             anything else: -32602 "params.files.N: Invalid input". A PDF is written to
+             $HOME/.factory/sessions/<session id>/attachments/<ms>-<name> (kept) and its block
+             gets "path". The answer gets " [files=<names, unknown when none>]".
+    outputFormat {"type":"json_schema","schema":{…}}: a schema that is not valid (unknown type,
+             malformed keywords) ends the turn before any message: reason
+             structured_output_schema_invalid. Otherwise the answer is JSON (see [[json]],
+             [[attempts]]; default: a value built from the schema), checked against the schema
+             (types, required, properties, additionalProperties:false, enum, const, items; the
+             top level must be an object) with droid's error texts; up to 3 attempts, each with
+             its own messageId; rejected ones are streamed but never retracted nor get a
+             create_message; the accepted one gets create_message (JSON re-serialized) and a
+             structured_output notification; after 3: error (StructuredOutputError), the BYOK
+             system message and reason structured_output_invalid.
 
 Environment:
     FAKE_DROID_STATE          session store directory (default $HOME/.fake-droid)
@@ -61,6 +110,8 @@ Environment:
     FAKE_DROID_LOG            append one line per received request method to this file
     FAKE_DROID_MODELS         extra model ids (comma-separated) for list_models/availableModels;
                               an id without "custom:" is a Factory model (isCustom false)
+    FAKE_DROID_VISION_MODELS  model ids (comma-separated) that take images (noImageSupport false);
+                              unset: every id containing "vision" (custom:fake-vision, ...)
     FAKE_DROID_MULTIPLIERS    tokenMultiplier of Factory models: "claude-opus-5=2,other=0.4"
                               (a Factory model not named here has none, like droid's BYOK entry)
     FAKE_DROID_MINT           ""  (default) load_session also loads a session written in droid's own
@@ -71,6 +122,7 @@ Environment:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -181,7 +233,7 @@ def model_entry(model_id: str) -> dict:
         "supportedReasoningEfforts": ["none", "low", "medium", "high"],
         "defaultReasoningEffort": "none",
         "isCustom": True,
-        "noImageSupport": True,
+        "noImageSupport": not supports_images(model_id),
     }
     if not model_id.startswith("custom:"):  # a Factory model, as droid lists them
         entry.update(modelId=model_id, modelProvider="anthropic", isCustom=False, disabled=False)
@@ -189,6 +241,15 @@ def model_entry(model_id: str) -> dict:
         if multipliers.get(model_id):
             entry["tokenMultiplier"] = float(multipliers[model_id])
     return entry
+
+
+def supports_images(model_id: str) -> bool:
+    """FAKE_DROID_VISION_MODELS (comma-separated ids) if set, else: the id contains "vision"
+    (droid 0.225.2 treats a BYOK model without "noImageSupport": false as one without)."""
+    listed = os.environ.get("FAKE_DROID_VISION_MODELS")
+    if listed is not None:
+        return model_id in {m.strip() for m in listed.split(",") if m.strip()}
+    return "vision" in model_id
 
 
 def model_ids() -> list[str]:
@@ -225,6 +286,221 @@ def parse_directives(text: str) -> dict[str, str]:
     for m in DIRECTIVE_RE.finditer(text):
         found[m.group(1).lower()] = (m.group(2) or "").strip()
     return found
+
+
+# --------------------------------------------------------------------------------------
+# attachments and structured output (as droid 0.225.2 does them: tests/fixtures/rpc_attach_*,
+# rpc_structured_*)
+
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+IMAGE_NOT_SHOWN = "[Image not shown: this model does not support image inputs]"
+MEDIA_LIMIT = 10  # droid keeps at most 10 images upstream; over it, the oldest 5 become placeholders
+MEDIA_LIMIT_REMINDER = (
+    "<system-reminder>Media context limit: at most 10 images remain available; whenever later reads exceed "
+    "this limit, the oldest 5 images are replaced with placeholders as a batch. Before reading more media, "
+    "preserve the needed information as text. Do not repeatedly re-read evicted files; summarize or batch the "
+    "work instead.</system-reminder>"
+)
+ATTEMPTS_RE = re.compile(r"\[\[attempts:(.*)\]\]", re.DOTALL)
+JSON_RE = re.compile(r"\[\[json:(.*)\]\]", re.DOTALL)
+SCHEMA_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+STRUCTURED_ATTEMPTS = 3  # the first answer and droid's two retries
+BYOK_TAIL = "\n\nIf this persists, verify your custom model configuration in settings."
+
+
+def lenient_b64decode(data: str) -> bytes:
+    """Node's Buffer.from(data, "base64"): characters outside the alphabet are skipped."""
+    import base64
+
+    clean = re.sub(r"[^A-Za-z0-9+/]", "", data.replace("-", "+").replace("_", "/"))
+    clean = clean[: len(clean) - (len(clean) % 4 == 1)]
+    return base64.b64decode(clean + "=" * (-len(clean) % 4))
+
+
+def png_problem(data: bytes) -> str | None:
+    """pngjs's complaint about data that should be a PNG (None: it reads)."""
+    import struct
+
+    if not data or (len(data) < len(PNG_SIGNATURE) and PNG_SIGNATURE.startswith(data)):
+        return "There are some read requests waitng on finished stream"
+    if not data.startswith(PNG_SIGNATURE):
+        return "unrecognised content at end of stream"
+    at = len(PNG_SIGNATURE)
+    while True:
+        if at + 8 > len(data):
+            return "There are some read requests waitng on finished stream"
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        if at + 12 + length > len(data):
+            return "There are some read requests waitng on finished stream"
+        at += 12 + length
+        if kind == b"IEND":
+            return None
+
+
+def image_problem(data: bytes, media_type: str) -> str | None:
+    """Why droid cannot take this image (it decodes, scales and re-encodes every image)."""
+    if media_type == "image/png":
+        return png_problem(data)
+    if media_type == "image/jpeg":
+        return None if data.startswith(b"\xff\xd8") else "SOI not found"
+    return "Unsupported image type for compression. Only PNG and JPEG images are supported."
+
+
+def params_problems(params: dict) -> list[str]:
+    """droid's zod complaints about add_user_message's images / files / outputFormat."""
+    out: list[str] = []
+    images = params.get("images")
+    if images is not None:
+        if not isinstance(images, list):
+            out.append(f"params.images: Expected array, received {zod_type(images)}")
+        else:
+            for i, image in enumerate(images):
+                where = f"params.images.{i}"
+                if not isinstance(image, dict):
+                    out.append(f"{where}: Expected object, received {zod_type(image)}")
+                    continue
+                if image.get("type") != "base64":
+                    out.append(f'{where}.type: Invalid literal value, expected "base64"')
+                if not isinstance(image.get("data"), str):
+                    out.append(f"{where}.data: " + ("Required" if "data" not in image
+                                                   else f"Expected string, received {zod_type(image['data'])}"))
+                media = image.get("mediaType")
+                if media is None:
+                    out.append(f"{where}.mediaType: Required")
+                elif media not in IMAGE_TYPES:
+                    out.append(f"{where}.mediaType: Invalid enum value. Expected "
+                               + " | ".join(f"'{t}'" for t in IMAGE_TYPES) + f", received '{media}'")
+    files = params.get("files")
+    if files is not None:
+        if not isinstance(files, list):
+            out.append(f"params.files: Expected array, received {zod_type(files)}")
+        else:
+            for i, doc in enumerate(files):
+                ok = isinstance(doc, dict) and isinstance(doc.get("data"), str) and (
+                    (doc.get("type") == "base64" and doc.get("mediaType") == "application/pdf")
+                    or (doc.get("type") == "text" and doc.get("mediaType") == "text/plain"))
+                if not ok:
+                    out.append(f"params.files.{i}: Invalid input")
+    fmt = params.get("outputFormat")
+    if fmt is not None:
+        if not isinstance(fmt, dict):
+            out.append(f"params.outputFormat: Expected object, received {zod_type(fmt)}")
+        else:
+            if fmt.get("type") != "json_schema":
+                out.append('params.outputFormat.type: Invalid literal value, expected "json_schema"')
+            if "schema" not in fmt:
+                out.append("params.outputFormat.schema: Required")
+            elif not isinstance(fmt["schema"], dict):
+                out.append(f"params.outputFormat.schema: Expected object, received {zod_type(fmt['schema'])}")
+    return out
+
+
+def schema_is_valid(schema: object) -> bool:
+    """A small stand-in for droid's schema compiler (ajv): known types, well-formed keywords."""
+    if not isinstance(schema, dict):
+        return False
+    kind = schema.get("type")
+    kinds = kind if isinstance(kind, list) else [kind] if kind is not None else []
+    if any(k not in SCHEMA_TYPES for k in kinds):
+        return False
+    props = schema.get("properties")
+    if props is not None and (not isinstance(props, dict) or not all(schema_is_valid(s) for s in props.values())):
+        return False
+    required = schema.get("required")
+    if required is not None and (not isinstance(required, list) or not all(isinstance(r, str) for r in required)):
+        return False
+    if "items" in schema and not schema_is_valid(schema["items"]):
+        return False
+    if "enum" in schema and not isinstance(schema["enum"], list):
+        return False
+    extra = schema.get("additionalProperties")
+    return extra is None or isinstance(extra, bool) or schema_is_valid(extra)
+
+
+def schema_instance(schema: object, depth: int = 0) -> object:
+    """A small value that satisfies a simple schema (the same as tests/fakellm.py's json scenario)."""
+    if not isinstance(schema, dict) or depth > 8:
+        return {}
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), kind[0] if kind else "object")
+    if kind == "object" or (kind is None and "properties" in schema):
+        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        return {name: schema_instance(sub, depth + 1) for name, sub in props.items()}
+    if kind == "array":
+        return [schema_instance(schema.get("items"), depth + 1)] if isinstance(schema.get("items"), dict) else []
+    return {"string": "sample", "integer": 1, "number": 1.5, "boolean": True, "null": None}.get(kind, {})
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def schema_errors(schema: object, value: object, path: str = "") -> list[str]:
+    """ajv-style errors ("/city must be string", "/ must have required property 'temp'")."""
+    if not isinstance(schema, dict):
+        return []
+    where = path or "/"
+    kind = schema.get("type")
+    if kind is not None:
+        kinds = kind if isinstance(kind, list) else [kind]
+        have = _json_kind(value)
+        if not any(k == have or (k == "number" and have == "integer") for k in kinds):
+            return [f"{where} must be {','.join(kinds)}"]
+    errors: list[str] = []
+    if "const" in schema and value != schema["const"]:
+        errors.append(f"{where} must be equal to constant")
+    if isinstance(schema.get("enum"), list) and value not in schema["enum"]:
+        errors.append(f"{where} must be equal to one of the allowed values")
+    if isinstance(value, dict):
+        for name in schema.get("required") or []:
+            if name not in value:
+                errors.append(f"{where} must have required property '{name}'")
+        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        if schema.get("additionalProperties") is False and any(k not in props for k in value):
+            errors.append(f"{where} must NOT have additional properties")
+        for name, sub in props.items():
+            if name in value:
+                errors += schema_errors(sub, value[name], f"{path}/{name}")
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            errors += schema_errors(schema["items"], item, f"{path}/{i}")
+    return errors
+
+
+def structured_problem(text: str, schema: dict) -> tuple[object, str | None]:
+    """(the parsed answer, droid's validation error or None)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        stripped = text.strip()
+        word = re.match(r"[A-Za-z_$][\w$]*", stripped)
+        if not stripped:
+            detail = "Unexpected EOF"
+        elif word and word.group(0) not in ("true", "false", "null"):
+            detail = f'Unexpected identifier "{word.group(0)}"'
+        else:
+            detail = f"Unrecognized token '{stripped[0]}'"
+        return None, f"Final response must be valid JSON: JSON Parse error: {detail}"
+    if not isinstance(value, dict):
+        return value, "Structured output must be a JSON object."
+    errors = schema_errors(schema, value)
+    return value, "; ".join(errors) if errors else None
 
 
 class RpcError(Exception):
@@ -418,6 +694,9 @@ class Turn:
         self.started = time.monotonic()
         self.usage_override: tuple[float, ...] | None = None
         self.user_id = ""
+        self.images: list[dict] = []  # add_user_message's images, files and outputFormat.schema
+        self.files: list[dict] = []
+        self.schema: dict | None = None
 
 
 class Server:
@@ -439,10 +718,36 @@ class Server:
         self.pending_requests: dict[object, dict] = {}
         self.log_path = os.environ.get("FAKE_DROID_LOG") or None
         self.mcp_servers: list[dict] = []  # as the last initialize/load_session gave them
+        self.image_dir: str | None = None  # $HOME/.factory/temp/images/<8 hex>, one per process
+        self.image_files: list[str] = []
+
+    def store_image(self, data: bytes, media_type: str) -> str:
+        """Where droid keeps an attached image while the process lives (removed at exit)."""
+        if self.image_dir is None:
+            self.image_dir = os.path.join(os.path.expanduser("~"), ".factory", "temp", "images", new_id()[:8])
+        os.makedirs(self.image_dir, exist_ok=True)
+        path = os.path.join(self.image_dir, f"{new_id()}.{media_type.split('/')[1]}")
+        with open(path, "wb") as f:
+            f.write(data)
+        self.image_files.append(path)
+        return path
+
+    def remove_images(self) -> None:
+        for path in self.image_files:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if self.image_dir is not None:
+            try:
+                os.rmdir(self.image_dir)
+            except OSError:
+                pass
 
     # ---- infrastructure
 
     def shutdown(self, code: int) -> None:
+        self.remove_images()  # droid's exit hook; a killed (or crashed) process leaves them
         got = self.out.lock.acquire(timeout=2)
         try:
             sys.stdout.buffer.flush()
@@ -805,7 +1110,14 @@ class Server:
         if not isinstance(text, str):
             detail = "Required" if "text" not in params else f"Expected string, received {zod_type(text)}"
             raise RpcError(-32602, f"Invalid request for droid.add_user_message: params.text: {detail}")
+        problems = params_problems(params)
+        if problems:
+            raise RpcError(-32602, "Invalid request for droid.add_user_message: " + "; ".join(problems))
         turn = Turn(sess, text, req_id)
+        turn.images = list(params.get("images") or [])
+        turn.files = list(params.get("files") or [])
+        if isinstance(params.get("outputFormat"), dict):
+            turn.schema = params["outputFormat"]["schema"]
         with self.lock:
             self.pending_turns += 1
 
@@ -966,7 +1278,25 @@ class Server:
         def state(new_state: str) -> None:
             N({"type": "droid_working_state_changed", "newState": new_state})
 
+        # droid decodes, scales and re-encodes every image before the turn starts: a bad one ends
+        # it with no message at all (recorded: rpc_attach_bad_*.stdout.jsonl)
+        images: list[tuple[dict, str]] = []  # (content block, file path)
+        for image in turn.images:
+            data = lenient_b64decode(image["data"])
+            problem = image_problem(data, image["mediaType"])
+            if problem is None and "image_error" in directives:
+                problem = directives["image_error"] or "Unable to compress image below provider size limit"
+            if problem is not None:
+                self.attachment_failure(turn, sess, problem)
+                return
+            block = {"type": "image", "source": {"type": "base64", "data": image["data"],
+                                                 "mediaType": image["mediaType"]}}
+            images.append((block, self.store_image(data, image["mediaType"])))
+
         state("streaming_assistant_message")
+        if turn.schema is not None and not schema_is_valid(turn.schema):
+            self.fail_turn(turn, sess, {"user_id": None}, "schema")  # before any message (recorded)
+            return
         ts = now_ms()
         user_id = new_id()
         turn.user_id = user_id
@@ -997,17 +1327,39 @@ class Server:
             ]
             sess["messages"].append(stored)
             parent = ctx["id"]
+        documents = [self.document_block(sess, doc) for doc in turn.files]
         user_msg = {
             "id": user_id,
             "role": "user",
-            "content": [{"type": "text", "text": turn.text}],
+            "content": [*(b for b, _ in images), *documents, {"type": "text", "text": turn.text}],
             "createdAt": ts,
             "updatedAt": ts,
             "interactionMode": settings.get("interactionMode", "auto"),
             "parentId": parent,
         }
         N({"type": "create_message", "message": user_msg, "requestId": turn.request_id})
-        sess["messages"].append(user_msg)
+        stored_user = user_msg
+        if images:  # the session (and load_session) also holds the paths droid tells the LLM
+            paths = "".join(f"- Image {i}: {path}\n" for i, (_, path) in enumerate(images, 1))
+            reminder = (f"<system-reminder>Attached image local file paths:\n{paths}\nIf you launch a Task "
+                        "subagent for which an attached image is relevant, pass the path(s) via the Task tool "
+                        "`image_paths` field, not base64 data or image contents.</system-reminder>")
+            stored_user = dict(user_msg, content=[*user_msg["content"][:-1], {"type": "text", "text": reminder},
+                                                  user_msg["content"][-1]])
+        sess["messages"].append(stored_user)
+        answer_parent = user_id
+        if images:
+            available = sess.get("mediaAvailable", 0)
+            now = available + len(images)
+            while now > MEDIA_LIMIT:  # droid replaces the oldest 5 with placeholders upstream
+                now -= 5
+            sess["mediaAvailable"] = now
+            if now == MEDIA_LIMIT and available != MEDIA_LIMIT:
+                note = {"id": "__internal__system-reminder__" + new_id(), "role": "user", "content": [],
+                        "visibility": "llm_only", "createdAt": ts, "updatedAt": ts, "parentId": user_id}
+                N({"type": "create_message", "message": note})
+                sess["messages"].append(dict(note, content=[{"type": "text", "text": MEDIA_LIMIT_REMINDER}]))
+                answer_parent = note["id"]
         k = sum(1 for m in sess["messages"] if is_real_user_message(m))
         first_turn = k == 1 and not sess.get("title")
         if first_turn:
@@ -1016,7 +1368,14 @@ class Server:
         if first_turn:
             N({"type": "session_title_updated", "title": sess["title"], "updateType": "first_user_message"})
 
-        ctx_state = {"user_id": user_id, "k": k, "first": first_turn, "directives": directives}
+        seen = ""
+        if images:
+            seen = f" [images={len(images)}]" if supports_images(settings["modelId"]) \
+                else f" [images={len(images)} not shown]"
+        if turn.files:
+            seen += " [files=" + ",".join(str(d.get("name") or "unknown") for d in turn.files) + "]"
+        ctx_state = {"user_id": user_id, "k": k, "first": first_turn, "directives": directives,
+                     "parent": answer_parent, "seen": seen}
 
         if "usage" in directives:
             try:
@@ -1033,6 +1392,9 @@ class Server:
         err = directives.get("error")
         if err in ("401", "429", "model"):
             self.fail_turn(turn, sess, ctx_state, err)
+            return
+        if "fail" in directives:
+            self.fail_turn(turn, sess, ctx_state, "fail:" + (directives["fail"] or "error"))
             return
 
         if "hang" in directives:
@@ -1052,7 +1414,11 @@ class Server:
             self.client_tools_turn(turn, sess, ctx_state, calls)
             return
 
-        self.answer(turn, sess, ctx_state, parent_id=user_id)
+        if turn.schema is not None:
+            self.structured_turn(turn, sess, ctx_state)
+            return
+
+        self.answer(turn, sess, ctx_state, parent_id=answer_parent, extra=seen)
 
     # ---- turn pieces
 
@@ -1210,7 +1576,11 @@ class Server:
         note["blob"] = (unit * (fill // len(unit) + 1))[:fill]
         self.out.send(env_notification(note, sid))
 
-    def fail_turn(self, turn: Turn, sess: dict, ctx_state: dict, kind: str) -> None:
+    def fail_turn(self, turn: Turn, sess: dict, ctx_state: dict, kind: str, turn_usage: dict | None = None) -> None:
+        """A failed turn as droid ends one: an ``error`` notification, a ``user_only`` system
+        message "BYOK Error: …", then ``agent_turn_completed`` with the reason. ``kind``: 401,
+        429, model, schema (outputFormat's schema is not valid JSON Schema), structured:<error>
+        (three answers failed the schema), fail:<reason>[:<message>] (any reason)."""
         sid = sess["id"]
 
         def N(note: dict) -> None:
@@ -1238,6 +1608,16 @@ class Server:
                     return
                 N({"type": "llm_retry", "attempt": attempt, "reason": "rate_limited"})
                 N({"type": "assistant_message_retracted", "messageId": retract_id})
+        elif kind == "schema":
+            message, upstream, reason, name = ("The requested structured output schema is invalid.", None,
+                                               "structured_output_schema_invalid", "StructuredOutputError")
+        elif kind.startswith("structured:"):
+            message, upstream, reason, name = (kind.split(":", 1)[1], None, "structured_output_invalid",
+                                               "StructuredOutputError")
+        elif kind.startswith("fail:"):
+            reason, _, message = kind[5:].partition(":")
+            message = message or f"Simulated failure ({reason})"
+            upstream, name = None, "StructuredOutputError" if reason.startswith("structured_output") else "Error"
         else:
             message, upstream, reason, name = (
                 "Custom model configuration is unavailable",
@@ -1245,6 +1625,9 @@ class Server:
                 "error",
                 "MetaError",
             )
+        if not turn.user_id:  # failed before droid made the user message: the turn id is a fresh one
+            turn.user_id = new_id()
+        parent = ctx_state.get("user_id") or (sess["messages"][-1]["id"] if sess["messages"] else "root")
         N(
             {
                 "type": "error",
@@ -1269,11 +1652,106 @@ class Server:
                     "visibility": "user_only",
                     "createdAt": ts,
                     "updatedAt": ts,
-                    "parentId": ctx_state["user_id"],
+                    "parentId": parent,
                 },
             }
         )
-        self.complete(turn, sess, reason, usage(*turn.usage_override) if turn.usage_override else usage())
+        if turn.usage_override:
+            turn_usage = usage(*turn.usage_override)
+        self.complete(turn, sess, reason, turn_usage or usage())
+
+    def attachment_failure(self, turn: Turn, sess: dict, problem: str) -> None:
+        """An image droid cannot decode or shrink: no message, no working state; the turn ends
+        (reason error, a turn id of its own), then an error notification, then a second response
+        to the add_user_message request, an error this time (recorded: rpc_attach_bad_*)."""
+        sid = sess["id"]
+        total = sess.get("tokenUsage") or usage()
+        self.notify({"type": "agent_turn_completed", "reason": "error", "turnId": new_id(), "tokenUsage": usage(),
+                     "cumulativeTokenUsage": total, "childTokenUsage": usage(),
+                     "cumulativeChildTokenUsage": usage(), "durationMs": 0}, sid)
+        self.notify({"type": "error", "message": problem, "errorType": "Error", "timestamp": iso_now(),
+                     "error": {"name": "Error", "message": problem}}, sid)
+        self.out.send(env_error(turn.request_id, -32603, problem))
+
+    def document_block(self, sess: dict, doc: dict) -> dict:
+        """A ``files`` entry as droid stores it; a PDF is also written under
+        $HOME/.factory/sessions/<session id>/attachments/ (kept after exit)."""
+        if doc["type"] == "text":
+            source = {"type": "text", "mediaType": "text/plain", "data": doc["data"]}
+            for key in ("name", "mime"):
+                if isinstance(doc.get(key), str):
+                    source[key] = doc[key]
+            return {"type": "document", "source": source}
+        source = {"type": "base64", "mediaType": "application/pdf", "data": doc["data"]}
+        for key in ("parsedData", "name"):
+            if isinstance(doc.get(key), str):
+                source[key] = doc[key]
+        folder = os.path.join(os.path.expanduser("~"), ".factory", "sessions", sess["id"], "attachments")
+        os.makedirs(folder, exist_ok=True)
+        name = os.path.basename(str(doc.get("name") or "document.pdf"))
+        source["path"] = os.path.join(folder, f"{now_ms()}-{name}")
+        with open(source["path"], "wb") as f:
+            f.write(lenient_b64decode(doc["data"]))
+        return {"type": "document", "source": source}
+
+    def structured_turn(self, turn: Turn, sess: dict, ctx_state: dict) -> None:
+        """outputFormat: the "LLM" answers ([[attempts:A||B||C]]: one per attempt; [[json:TEXT]]:
+        always TEXT; else a value built from the schema); droid checks each answer against the
+        schema and retries twice. A rejected answer streams like any other (deltas, text
+        complete) but gets no create_message and no retraction; the accepted one gets a
+        create_message with its JSON re-serialized, then ``structured_output``. Three rejections:
+        reason structured_output_invalid (recorded: rpc_structured_*)."""
+        sid = sess["id"]
+        settings = sess["settings"]
+        assert turn.schema is not None
+
+        def N(note: dict) -> None:
+            self.notify(note, sid)
+
+        attempts = ATTEMPTS_RE.search(turn.text)
+        given = JSON_RE.search(turn.text)
+        total = usage()
+        problem = None
+        for attempt in range(STRUCTURED_ATTEMPTS):
+            if attempts:
+                options = attempts.group(1).split("||")
+                text = options[min(attempt, len(options) - 1)]
+            elif given:
+                text = given.group(1)
+            else:
+                text = dumps(schema_instance(turn.schema))
+            if attempt:
+                N({"type": "droid_working_state_changed", "newState": "thinking"})
+                self.notify({"type": "session_token_usage_changed", "sessionId": sid,
+                             "tokenUsage": add_usage(sess.get("tokenUsage") or usage(), total),
+                             "inclusiveTokenUsage": add_usage(sess.get("tokenUsage") or usage(), total),
+                             "lastCallTokenUsage": {"inputTokens": total["inputTokens"] // attempt,
+                                                    "outputTokens": total["outputTokens"] // attempt,
+                                                    "cacheReadTokens": 0}}, None)
+            N({"type": "droid_working_state_changed", "newState": "streaming_assistant_message"})
+            msg_id = new_id()
+            cuts = sorted({0, len(text) // 3, 2 * len(text) // 3, len(text)})
+            for start, end in itertools.pairwise(cuts):
+                self.pause(turn, DEFAULT_DELAY_S)
+                if turn.cancelled:
+                    self.finish_cancelled(turn, sess, ctx_state["user_id"], None, "")
+                    return
+                N({"type": "assistant_text_delta", "messageId": msg_id, "blockIndex": 0, "textDelta": text[start:end]})
+            N({"type": "assistant_text_complete", "messageId": msg_id, "blockIndex": 0})
+            total = add_usage(total, usage(13 + 2 * attempt, 8))
+            value, problem = structured_problem(text, turn.schema)
+            if problem is None:
+                ts = now_ms()
+                msg = {"id": msg_id, "role": "assistant", "content": [{"type": "text", "text": dumps(value)}],
+                       "createdAt": ts, "updatedAt": ts, "modelId": settings["modelId"],
+                       "reasoningEffort": settings["reasoningEffort"], "openaiMessageId": "chatcmpl-fake1",
+                       "parentId": ctx_state["parent"]}
+                N({"type": "create_message", "message": msg})
+                sess["messages"].append(msg)
+                self.notify({"type": "structured_output", "messageId": msg_id, "structuredOutput": value}, None)
+                self.complete(turn, sess, "completed", usage(*turn.usage_override) if turn.usage_override else total)
+                return
+        self.fail_turn(turn, sess, ctx_state, "structured:" + str(problem), total)
 
     def start_looking(self, turn: Turn, sess: dict, user_id: str) -> str | None:
         """The assistant's "Let me look." before it calls tools; None if the turn was cancelled first."""
@@ -1570,10 +2048,25 @@ class Server:
             answer = self.mcp_post(server, {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
                                             "params": {"name": tool, "arguments": use["input"]}}) or {}
             result = answer.get("result") or {}
-            text = "".join(c.get("text", "") for c in result.get("content") or [])
+            items = [c for c in result.get("content") or [] if isinstance(c, dict)]
+            text = "".join(c.get("text", "") for c in items)
             is_error = bool(result.get("isError"))
-            content = f"Error: Error: {text}" if is_error else text
-            results.append(f"Error: MCP tool {use['name']} returned an error: {text}" if is_error else text)
+            content: str | list = f"Error: Error: {text}" if is_error else text
+            seen = text
+            images = [c for c in items if c.get("type") == "image"]
+            if images and not is_error:
+                # droid keeps the blocks; the LLM gets the text in the tool message and the images
+                # in a user message after it, or a note when the model takes no images
+                # (recorded: rpc_attach_tool_image*.stdout.jsonl)
+                content = [{"type": "image", "source": {"type": "base64", "mediaType": c.get("mimeType"),
+                                                        "data": c.get("data")}} if c.get("type") == "image"
+                           else {"type": "text", "text": c.get("text", "")} for c in items]
+                if supports_images(settings["modelId"]):
+                    seen = "\n".join(c.get("text", "") for c in items if c.get("type") != "image")
+                    seen += f" [+{len(images)} image(s)]"
+                else:
+                    seen = "\n".join(IMAGE_NOT_SHOWN if c.get("type") == "image" else c.get("text", "") for c in items)
+            results.append(f"Error: MCP tool {use['name']} returned an error: {text}" if is_error else seen)
             result_id = new_id()
             N({"type": "tool_result", "toolUseId": use["id"], "messageId": result_id, "content": content,
                "isError": is_error})
