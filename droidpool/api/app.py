@@ -44,6 +44,7 @@ from .turns import serve_turn
 
 log = structlog.get_logger(__name__)
 
+MODELS_WAIT_S = 10.0  # how long /v1/models waits at start-up for droid's first model list
 # Probes answer without a key: a load balancer or systemd check has none.
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
@@ -164,6 +165,7 @@ async def list_models(request: web.Request) -> web.Response:
     """The models a client may name; each entry's ``droidpool`` field has its price multiplier, where
     the price comes from, and whether this key may use it."""
     turns = request.app[TURNS]
+    await turns.models_known(MODELS_WAIT_S)
     listing = turns.catalog.listing()
     extensions = {m.id: usage.model_extension(turns.ledger, request[PRINCIPAL], m) for m in listing}
     if "anthropic-version" in request.headers or "x-api-key" in request.headers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 
@@ -64,13 +65,17 @@ async def _serve(request: web.Request, dialect: Dialect, parsed: Parsed, access:
     service = request.app[TURNS]
     status, http_status = "ok", 200
     turn: Turn | None = None
+    phase = "admission"  # admission (queued for a worker included) | turn: where a failure happened
     try:
         with request.app[AUTH].admit(principal):
             async with service.turn(turn_request, access, local=local) as turn:
+                phase = "turn"
                 encoder = dialect.encoder(turn, parsed)
                 if turn_request.stream:
                     response, failure = await _stream(request, turn, encoder, parsed)
-                    if failure is not None:
+                    if turn.client_gone:
+                        status, http_status = "client_disconnected", 499
+                    elif failure is not None:
                         status, http_status = failure.kind, failure.status
                     return response
                 try:
@@ -84,8 +89,10 @@ async def _serve(request: web.Request, dialect: Dialect, parsed: Parsed, access:
     except errors.DroidpoolError as exc:
         status, http_status = exc.kind, exc.status
         raise
-    except ConnectionResetError:
-        status, http_status = "client_disconnected", 499
+    except (ConnectionResetError, asyncio.CancelledError):
+        # The client hung up (aiohttp cancels the handler; or a write found the socket closed), or
+        # shutdown's grace ran out: a normal event, logged on the turn's info line.
+        status, http_status = ("client_disconnected", 499) if _client_gone(request) else ("cancelled", 503)
         raise
     except Forward:
         status, http_status = "forwarded", 0
@@ -109,6 +116,7 @@ async def _serve(request: web.Request, dialect: Dialect, parsed: Parsed, access:
             stream=turn_request.stream,
             status=status,
             http_status=http_status,
+            phase=phase if status != "ok" else None,
             ttft_s=round(ttft, 4) if ttft is not None else None,
             duration_s=round(duration, 4),
             worker=turn.worker.id if turn else None,
@@ -133,21 +141,31 @@ def _turn_headers(turn: Turn, parsed: Parsed) -> dict[str, str]:
 async def _stream(
     request: web.Request, turn: Turn, encoder: Encoder, parsed: Parsed
 ) -> tuple[web.StreamResponse, errors.DroidpoolError | None]:
-    """Stream the turn; a failure after the 200 goes in-band, and is returned for the log."""
+    """Stream the turn; a failure after the 200 goes in-band, and is returned for the log. A client
+    that hangs up ends the stream quietly (``turn.client_gone``): its turn is interrupted, or, if
+    it parked on tool calls the client never got, released."""
     response = web.StreamResponse(headers={**SSE_HEADERS, **_turn_headers(turn, parsed)})
     response.headers["X-Request-Id"] = response.headers["request-id"] = request[REQUEST_ID]
-    await response.prepare(request)
-    sse = SSEWriter(response)
-    await sse.send(encoder.start())
     failure: errors.DroidpoolError | None = None
     try:
-        async for output in turn.outputs(request.app[KEEPALIVE_S]):
-            await sse.send(encoder.keepalive() if output is None else encoder.feed(output))
-        assert turn.result is not None
-        await sse.send(encoder.finish(turn.result))
-    except errors.DroidpoolError as exc:
-        # The 200 is already sent: the error goes in-band and the stream ends as the dialect ends one.
-        failure = exc
-        await sse.send(encoder.failed(exc))
-    await response.write_eof()
+        await response.prepare(request)
+        sse = SSEWriter(response)
+        await sse.send(encoder.start())
+        try:
+            async for output in turn.outputs(request.app[KEEPALIVE_S]):
+                await sse.send(encoder.keepalive() if output is None else encoder.feed(output))
+            assert turn.result is not None
+            await sse.send(encoder.finish(turn.result))
+        except errors.DroidpoolError as exc:
+            # The 200 is already sent: the error goes in-band and the stream ends as the dialect ends one.
+            failure = exc
+            await sse.send(encoder.failed(exc))
+        await response.write_eof()
+    except ConnectionResetError:
+        turn.client_gone = True
     return response, failure
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()

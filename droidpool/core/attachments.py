@@ -22,7 +22,8 @@ from droidpool import errors
 from .model import Attachment, AttachmentKind, Message, Part, ToolResult, is_text_type
 
 MIB = 1024 * 1024
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+# droid 0.225.2 decodes and re-encodes every image (at most 1024 px, 200 KiB): PNG and JPEG only.
+DROID_IMAGE_TYPES = ("image/png", "image/jpeg")
 PDF = "application/pdf"
 _DATA_URL = re.compile(r"^data:(?P<type>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)$", re.DOTALL)
 _SPACE = re.compile(rb"\s+")
@@ -193,8 +194,11 @@ def _checked_image(image: Attachment, limits: Limits, model: str, sees_images: b
     actual = sniff_image(image.data)
     if actual is None:
         declared = f" (declared {image.media_type})" if image.media_type else ""
-        raise _refuse(f"{where}: the data is not a PNG, JPEG, GIF or WebP image{declared}.", where,
+        raise _refuse(f"{where}: the data is not a PNG or JPEG image{declared}.", where,
                       code="unsupported_attachment")
+    if actual not in DROID_IMAGE_TYPES:
+        raise _refuse(f"{where}: droid takes PNG and JPEG images only (it re-encodes every image, and fails the "
+                      f"turn on {actual}); convert it first.", where, code="unsupported_attachment")
     if not image_complete(actual, image.data):
         raise _refuse(f"{where}: the {actual} data is truncated or corrupt.", where, code="corrupt_attachment")
     if actual != image.media_type:  # what the bytes are wins over a wrong label (a .png that is a JPEG)

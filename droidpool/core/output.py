@@ -61,6 +61,7 @@ class Accumulator:
     # A structured answer: droid validates the final message and may reject it and retry, so no
     # text is sent until droid accepts one; ``text`` is then the accepted message alone.
     structured: bool = False
+    sent_images: bool = False  # the turn gave droid images (a failure with no word from droid is theirs)
 
     def feed(self, event: TurnEvent) -> list[Output]:
         """What to send the client for ``event``."""
@@ -150,4 +151,12 @@ class Accumulator:
 
     def failure(self) -> errors.DroidpoolError | None:
         """The error to report if the turn failed (None when it completed)."""
-        return failure_for(self.completed.reason if self.completed else "incomplete", self.problems)
+        reason = self.completed.reason if self.completed else "incomplete"
+        if reason == "error" and self.sent_images and not self.problems and self.usage == Usage():
+            # droid fails a turn before any LLM call when it cannot re-encode an image (it says why
+            # only after the turn has ended): the image is the client's to change.
+            return errors.InvalidRequest(
+                "droid could not process an attached image: it scales each image to at most 1024 px and "
+                "compresses it below 200 KiB, and this one could not be; send a smaller or simpler image.",
+                code="image_not_processed")
+        return failure_for(reason, self.problems)

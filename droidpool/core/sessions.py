@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
+import anyio
 import structlog
 
 from droidpool import errors
+from droidpool.droid.sessions import drop_unanswered
 from droidpool.droid.worker import DroidRequestError, SessionSettings, Worker
 from droidpool.pool.pool import Pool, Want
 from droidpool.store.base import SessionRecord, SessionStore
@@ -15,6 +18,7 @@ from droidpool.store.base import SessionRecord, SessionStore
 from . import conversation
 from .access import PUBLIC, Access
 from .model import TurnRequest
+from .tools import LLM_PREFIX
 
 log = structlog.get_logger(__name__)
 
@@ -234,6 +238,24 @@ class Sessions:
             assert record is not None
             log.info("session.forked", session=session_id, fork=fork_id)
             return record
+
+    async def recover_interrupted(self, node_id: str | None = None) -> int:
+        """Before serving: each session whose turn droidpool died in loses droid's record of that
+        turn's user message (its client never got the answer, so the model must not see the
+        question either), and matches stateless resends again. How many were recovered."""
+        recovered = 0
+        for session_id in await self.store.interrupted(node_id):
+            async with self.lock(session_id):
+                removed = await self.forget_unanswered(session_id)
+                await self.store.recovered(session_id)
+            log.info("session.recovered", session=session_id, bytes_removed=removed)
+            recovered += 1
+        return recovered
+
+    async def forget_unanswered(self, session_id: str) -> int:
+        """Cut droid's file of ``session_id`` back to its last answered turn (bytes removed)."""
+        sessions_dir = Path(self.pool.spec.sessions_dir)
+        return await anyio.to_thread.run_sync(drop_unanswered, sessions_dir, session_id, LLM_PREFIX)
 
     async def delete(self, session_id: str, access: Access = PUBLIC) -> bool:
         """Forget a session (after a running turn on it ends); no request reaches it again."""

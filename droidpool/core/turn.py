@@ -55,6 +55,7 @@ class Turn:
     model_id: str = ""  # the droid model it runs on
     ledger_row: TurnRow | None = None  # its row in the usage ledger, once recorded
     attached: tuple[int, int] = (0, 0)  # the images and documents it gave droid: how many, how many bytes
+    client_gone: bool = False  # its client hung up before it had everything: a park is released at once
 
     @property
     def created(self) -> int:

@@ -59,6 +59,7 @@ class Run:
 
     turn: Turn
     refused: bool = False  # its results could not be taken (what they attach): released at once
+    parked_at: float = 0.0  # when it began to wait for its results (monotonic)
     release: anyio.Event = field(default_factory=anyio.Event)  # no request will read it again
     finished: anyio.Event = field(default_factory=anyio.Event)  # everything it held is released
     expiry: anyio.CancelScope | None = None
@@ -101,6 +102,7 @@ class TurnService:
         self.cluster = cluster  # None: a single node
         self._drivers: set[anyio.CancelScope] = set()  # every running turn's driver
         store.on_lock_loss(self._locks_lost)
+        pool.on_starved = self._yield_parked
         self.sessions = Sessions(pool, store, base_settings)
         self.parked: dict[str, Run] = {}  # session id → its parked turn
         self.counters: Counter[str] = Counter()
@@ -120,6 +122,13 @@ class TurnService:
                     if run.expiry is not None:
                         run.expiry.cancel()
                 self.parked.clear()
+
+    async def models_known(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until droid's model list is known: a client that lists the
+        models at start-up should not see an empty list."""
+        with anyio.move_on_after(timeout_s):
+            await self.pool.models_listed.wait()
+        return self.pool.models_listed.is_set()
 
     # --- a turn ------------------------------------------------------------------------------
 
@@ -155,10 +164,12 @@ class TurnService:
             # with the history's when a new session is given it).
             self._attachments(conversation.split(request.messages).new, request, model_id)
             run = await self._start(request, model_id, access, local)
+        delivered = False
         try:
             yield run.turn
+            delivered = not run.turn.client_gone
         finally:
-            await self._leave(run)
+            await self._leave(run, delivered)
 
     async def _start(self, request: TurnRequest, model_id: str, access: Access, local: bool) -> Run:
         if self._tg is None:
@@ -256,7 +267,8 @@ class TurnService:
         turn = Turn(uuid.uuid4().hex, session_id, worker, record is None, request, access, base, sent, stream,
                     self.deadlines, self._complete, self._park,
                     Accumulator(client_name=lambda name: client_name(self.broker.get(session_id), name),
-                                structured=request.output_format is not None),
+                                structured=request.output_format is not None,
+                                sent_images=any(a.kind == "image" for a in attached)),
                     model_id=model_id, attached=(len(attached), sum(len(a.data) for a in attached)))
         runs.append(Run(turn))
         return runs[0]
@@ -279,11 +291,16 @@ class TurnService:
             servers = (self.broker.server_param(self.broker.offer(key, tools)),)
         return Want(settings, session_id=None if key.startswith("\0") else key, mcp_servers=servers, mcp_reset=reset)
 
-    async def _leave(self, run: Run) -> None:
-        """The request is done with its turn: release it, or keep it parked for the results."""
+    async def _leave(self, run: Run, delivered: bool) -> None:
+        """The request is done with its turn: release it, or keep it parked for the results (only
+        if its client got the calls: a client gone, or a failed write, releases it at once)."""
         turn = run.turn
-        if turn.parked and not run.release.is_set() and self._tg is not None:
+        if turn.parked and not delivered:
+            self.counters["park_undelivered"] += 1
+            log.info("turn.park_undelivered", session=turn.session_id)
+        elif turn.parked and not run.release.is_set() and self._tg is not None:
             self.parked[turn.session_id] = run
+            run.parked_at = time.monotonic()
             run.expiry = anyio.CancelScope()
             self._tg.start_soon(self._expire, run)
             return
@@ -316,6 +333,20 @@ class TurnService:
         self.counters["parked"] += 1
         log.info("turn.parked", session=turn.session_id, calls=[c.name for c in acc.tool_calls])
         return result
+
+    def _yield_parked(self) -> bool:
+        """A request waits for a worker and none is free: the turn parked longest gives its worker
+        up (interrupted, recorded ``park_ended``); its results, if they come, continue the session
+        as a message. True if one did."""
+        if not self.parked or self._tg is None:
+            return False
+        run = min(self.parked.values(), key=lambda r: r.parked_at)
+        del self.parked[run.turn.session_id]
+        self.counters["park_yielded"] += 1
+        log.info("turn.park_yielded", session=run.turn.session_id,
+                 parked_s=round(time.monotonic() - run.parked_at, 3))
+        self._tg.start_soon(self._unpark, run)
+        return True
 
     async def _expire(self, run: Run) -> None:
         assert run.expiry is not None
@@ -447,8 +478,14 @@ class TurnService:
             droid_model=model_id, conversation_key=asked.conversation_key,
             attachments=turn.attached[0] if turn else 0, attachment_bytes=turn.attached[1] if turn else 0),
             self.ledger.cost(model_id, usage))
+        diverge = not (turn is not None and turn.parked)
         with anyio.CancelScope(shield=True):
-            await self.store.fail_turn(row, diverge=not (turn is not None and turn.parked))
+            if turn is not None and not turn.parked and not turn.worker.alive and self.pool.spec.sessions_dir:
+                # Its droid died mid-turn: droid's file keeps the user message the client got no
+                # answer to. Cut it, and the session stays as the client knows it.
+                await self.sessions.forget_unanswered(session_id)
+                diverge = False
+            await self.store.fail_turn(row, diverge=diverge)
             await self._save_files(session_id)
         self.ledger.recorded(row)
         log.info("turn.failed" if row.status == "failed" else "turn.park_ended", session=session_id)

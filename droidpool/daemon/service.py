@@ -19,6 +19,7 @@ from droidpool.api.app import build_app
 from droidpool.api.browser import BrowserPolicy
 from droidpool.api.mcp import build_mcp_app
 from droidpool.api.metrics import Metrics
+from droidpool.api.server import make_runner
 from droidpool.config import Config, ConfigError, node_secret, store_url
 from droidpool.core import failures
 from droidpool.core.access import Authenticator, load_keys
@@ -38,6 +39,7 @@ from droidpool.droid.launch import (
     launch_spec,
     turn_end_reasons,
 )
+from droidpool.droid import images
 from droidpool.droid.sessions import apply_prune, droid_sessions_dir, plan_prune
 from droidpool.droid.worker import LaunchSpec
 from droidpool.pool import procfs
@@ -152,6 +154,7 @@ async def running_turns(config: Config, pool: Pool, store: SessionStore) -> Asyn
                             exemptions=exemptions)
         cluster = build_cluster(config, pool, store)
         turns = build_turns(config, pool, store, broker, cluster)
+        await turns.sessions.recover_interrupted(cluster.node_id if cluster is not None else None)
         await turns.ledger.sync()  # the budgets' windows are read now, not by the first request
         async with turns.running():
             if cluster is None:
@@ -274,8 +277,7 @@ class Daemon:
                 )
                 # On shutdown aiohttp stops listening, lets running handlers finish for
                 # drain_grace_s, then cancels them: a cancelled turn is interrupted, not lost.
-                runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                       shutdown_timeout=config.server.drain_grace_s)
+                runner = make_runner(app, handle_signals=False, shutdown_timeout=config.server.drain_grace_s)
                 await runner.setup()
                 try:
                     await self._listen(runner)
@@ -343,6 +345,19 @@ def kill_leftover_workers(root: Path) -> list[int]:
     return leftovers
 
 
+IMAGE_DIR_GRACE_S = 600.0  # a folder a worker has just made is known once its turn ends
+
+
+async def _prune_images(sessions_dir: Path, pool: Pool) -> None:
+    """droid's temp image folders that no live worker owns (left by killed processes)."""
+    live = {w.image_dir for w in pool.workers if w.image_dir and w.alive}
+    stale = await anyio.to_thread.run_sync(
+        images.stale_dirs, images.images_root(sessions_dir), live, time.time(), IMAGE_DIR_GRACE_S)
+    if stale:
+        freed = await anyio.to_thread.run_sync(images.remove, stale)
+        log.info("store.pruned_images", folders=len(stale), bytes=freed)
+
+
 async def _sweep(store: SessionStore, pool: Pool, config: Config, every_s: float = 600.0) -> None:
     """Every ``every_s``: delete droid's files of sessions that expired or nobody knows (never
     those a live worker holds), then the expired sessions from the store. The droid sessions
@@ -359,6 +374,7 @@ async def _sweep(store: SessionStore, pool: Pool, config: Config, every_s: float
                 await anyio.to_thread.run_sync(apply_prune, plan)
                 log.info("store.pruned_files", sessions=len(plan.sessions), workdirs=len(plan.workdirs), bytes=freed,
                          kept=plan.kept)
+        await _prune_images(sessions_dir, pool)
         swept = await store.sweep()
         if swept:
             log.info("store.swept", sessions=swept)

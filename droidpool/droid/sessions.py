@@ -219,7 +219,9 @@ class PrunePlan:
 
     @property
     def bytes(self) -> int:
-        return sum(p.stat().st_size for s, _ in self.sessions for p in s.paths if p.exists())
+        own = [p for s, _ in self.sessions for p in s.paths]
+        attached = [p for s, _ in self.sessions for p in (s.paths[0].parent.parent / s.session_id).rglob("*")]
+        return sum(p.stat().st_size for p in (*own, *attached) if p.is_file())
 
 
 WORKDIR_ROOTS = ("sessions", "self-test")  # under the workers' cwd: one directory per session
@@ -250,6 +252,8 @@ def apply_prune(plan: PrunePlan) -> None:
     for session, _ in plan.sessions:
         for path in session.paths:
             path.unlink(missing_ok=True)
+        # droid keeps a session's PDFs in a folder named after it: <sessions>/<id>/attachments
+        shutil.rmtree(session.paths[0].parent.parent / session.session_id, ignore_errors=True)
         with contextlib.suppress(OSError):
             session.paths[0].parent.rmdir()
     for path in plan.workdirs:
@@ -298,3 +302,71 @@ def restore_session_files(sessions_dir: Path, files: Mapping[str, bytes]) -> Pat
     if cwd is not None:
         cwd.mkdir(parents=True, exist_ok=True)
     return cwd
+
+
+# --- crash consistency: no user message the client was never answered --------------------------
+
+
+def unanswered_cut(data: bytes, client_tool_prefix: str) -> int | None:
+    """Where droid's session file must end so that it holds no turn its client never saw end: the
+    byte offset to cut at, or None when nothing needs cutting.
+
+    droid writes a turn's user message when the turn starts and an ``agent_turn_outcome`` line
+    when it ends. A turn with no outcome line was cut short by a crash (droidpool killed while it
+    ran): its lines go, the turn's own ``context-<id>`` message with them. A turn that had parked
+    on client tools keeps its user message and its calls: the client has those, and its results
+    come back as a message."""
+    records: list[tuple[int, int, dict[str, Any]]] = []
+    offset = 0
+    for line in data.split(b"\n"):
+        end = offset + len(line) + 1
+        try:
+            obj = json.loads(line) if line.strip() else {}
+        except ValueError:
+            obj = {}
+        records.append((offset, min(end, len(data)), obj if isinstance(obj, dict) else {}))
+        offset = end
+    after = max((i for i, (_, _, o) in enumerate(records) if o.get("type") == "agent_turn_outcome"), default=0) + 1
+    start = next((i for i in range(after, len(records)) if _is_prompt(records[i][2])), None)
+    if start is None:
+        return None
+    prompt_id = records[start][2].get("id")
+    cut = start - 1 if start - 1 >= after and records[start - 1][2].get("id") == f"context-{prompt_id}" else start
+    for i in range(start + 1, len(records)):
+        if _calls_client_tools(records[i][2], client_tool_prefix):
+            return records[i][1] if records[i][1] < len(data) else None
+    return records[cut][0]
+
+
+def _is_prompt(obj: Mapping[str, Any]) -> bool:
+    """A user's message (not droid's context, not tool results)."""
+    message = obj.get("message")
+    if obj.get("type") != "message" or not isinstance(message, dict) or message.get("role") != "user":
+        return False
+    if str(obj.get("id", "")).startswith(("context-", "__internal__")) or message.get("visibility") == "llm_only":
+        return False
+    content = message.get("content")
+    return not (isinstance(content, list) and content
+                and all(isinstance(b, dict) and b.get("type") == "tool_result" for b in content))
+
+
+def _calls_client_tools(obj: Mapping[str, Any], prefix: str) -> bool:
+    message = obj.get("message")
+    if obj.get("type") != "message" or not isinstance(message, dict) or message.get("role") != "assistant":
+        return False
+    content = message.get("content")
+    return isinstance(content, list) and any(
+        isinstance(b, dict) and b.get("type") == "tool_use" and str(b.get("name", "")).startswith(prefix)
+        for b in content)
+
+
+def drop_unanswered(sessions_dir: Path, session_id: str, client_tool_prefix: str) -> int:
+    """Cut ``session_id``'s file back to its last answered turn (see ``unanswered_cut``); the bytes removed."""
+    removed = 0
+    for path in sessions_dir.glob(f"*/{session_id}{GROWING}"):
+        data = path.read_bytes()
+        cut = unanswered_cut(data, client_tool_prefix)
+        if cut is not None:
+            _write_atomic(path, data[:cut])
+            removed += len(data) - cut
+    return removed

@@ -23,6 +23,7 @@ import structlog
 
 from droidpool import errors
 
+from . import images
 from .protocol import (
     Message,
     PermissionAsked,
@@ -159,6 +160,7 @@ class Worker:
         self.model_id = model_id
         self.settings: SessionSettings | None = None
         self.session_id: str | None = None
+        self.image_dir: str | None = None  # droid's temp folder for the images it was sent (images.py)
         self.used = False  # has loaded a session or run a turn: initialize_session would leak
         self.turns = 0
         self.created_at = time.monotonic()
@@ -365,13 +367,13 @@ class Worker:
         Permission requests ``park`` accepts come to the turn as ``PermissionAsked`` events and
         wait for ``answer_permission``; the others are answered by the launch policy.
         """
+        if isinstance(message, str):
+            message = UserMessage(message)
         turn = _Turn(park)
         self._turn = turn
         self.last_used = time.monotonic()
         try:
             self.used = True
-            if isinstance(message, str):
-                message = UserMessage(message)
             await self.call("droid.add_user_message", message.params())
             self.turns += 1
             yield TurnStream(turn, self)
@@ -380,6 +382,9 @@ class Worker:
             turn.receive.close()
             with anyio.CancelScope(shield=True):
                 await self._finish_turn(turn, interrupt_grace_s)
+                if message.images and self.image_dir is None and self.session_id and self.spec.sessions_dir:
+                    self.image_dir = await anyio.to_thread.run_sync(
+                        images.owned_dir, Path(self.spec.sessions_dir), self.session_id)
             self._turn = None
             self.last_used = time.monotonic()
 

@@ -95,6 +95,10 @@ class Pool:
         self.self_test = "pending" if self.mint else "off (pool.mint_sessions = false)"
         self.workers: list[Worker] = []
         self.available_models: list[dict[str, Any]] = []
+        self.models_listed = anyio.Event()  # set once a worker has listed droid's models
+        # Called when a request must wait with every worker busy and no room to start one: the
+        # turn service may free a worker (a turn parked on client tools yields). True if it did.
+        self.on_starved: Callable[[], bool] | None = None
         self._waiters: collections.deque[anyio.Event] = collections.deque()
         self._session_locks: dict[str, tuple[anyio.Lock, int]] = {}
         self._spawning = 0
@@ -272,6 +276,8 @@ class Pool:
                     )
                 ticket = anyio.Event()
                 (self._waiters.appendleft if head else self._waiters.append)(ticket)
+                if self.on_starved is not None and self._starved():
+                    self.on_starved()
                 self._kick()  # the supervisor may grow the pool for it
                 with anyio.move_on_after(deadline - time.monotonic()):
                     await ticket.wait()
@@ -287,6 +293,12 @@ class Pool:
                 self._waiters.remove(ticket)
             if head:
                 self._wake_one()  # pass the turn on if this waiter leaves without a worker
+
+    def _starved(self) -> bool:
+        """Every worker is leased and the pool may not grow: only a released lease frees one."""
+        alive = [w for w in self.workers if w.state is not WorkerState.DEAD]
+        return len(alive) + self._spawning >= self.max_workers - self._reserved \
+            and all(w.state is WorkerState.BUSY for w in alive) and len(self._waiters) > 0
 
     def _check_open(self) -> None:
         if self._closing or self.draining:
@@ -443,6 +455,7 @@ class Pool:
                 models = await worker.list_models(self.policy.spawn_timeout_s)
             if models:
                 self.available_models = models
+                self.models_listed.set()
         except (errors.DroidpoolError, DroidRequestError, TimeoutError) as exc:
             message = str(exc) if not isinstance(exc, TimeoutError) else (
                 f"droid did not answer within {self.policy.spawn_timeout_s:g} s of starting"
@@ -502,6 +515,7 @@ class Pool:
     def _remember_models(self, worker: Worker) -> None:
         if worker.available_models:
             self.available_models = worker.available_models
+            self.models_listed.set()
 
     def _by_id(self, worker_id: int | None) -> Worker | None:
         return next((w for w in self.workers if w.id == worker_id), None)

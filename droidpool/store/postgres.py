@@ -349,6 +349,11 @@ class PostgresStore:
         rows = await self._db().fetch("SELECT session_id, updated_at >= $1 FROM sessions", self._cutoff())
         return {r[0]: bool(r[1]) for r in rows}
 
+    async def interrupted(self, node_id: str | None = None) -> builtins.list[str]:
+        rows = await self._db().fetch(
+            "SELECT session_id FROM sessions WHERE in_flight AND (node_id IS NULL OR node_id = $1)", node_id)
+        return [r[0] for r in rows]
+
     async def get_turn(self, turn_id: str, owner: str) -> TurnRow | None:
         row = await self._db().fetchrow(
             f"SELECT {KEPT_TURN_COLUMNS} FROM turns WHERE turn_id = $1 AND owner = $2 AND output IS NOT NULL",
@@ -420,6 +425,9 @@ class PostgresStore:
         await self._db().execute(
             "UPDATE sessions SET diverged = diverged OR in_flight, in_flight = TRUE WHERE session_id = $1",
             session_id)
+
+    async def recovered(self, session_id: str) -> None:
+        await self._db().execute("UPDATE sessions SET in_flight = FALSE WHERE session_id = $1", session_id)
 
     async def complete_turn(self, turn: TurnRow, head_digest: str) -> None:
         now = self.clock()

@@ -338,6 +338,13 @@ class SqliteStore:
         )
         return {r[0]: bool(r[1]) for r in rows}
 
+    async def interrupted(self, node_id: str | None = None) -> builtins.list[str]:
+        """Sessions with a turn that reached droid and was never recorded (droidpool died in it)."""
+        rows = await self._run(lambda: self._conn().execute(
+            "SELECT session_id FROM sessions WHERE in_flight = 1 AND (node_id IS NULL OR node_id = ?)",
+            (node_id,)).fetchall())
+        return [r[0] for r in rows]
+
     # --- writes ------------------------------------------------------------------------------
 
     async def create(
@@ -394,6 +401,11 @@ class SqliteStore:
                 (session_id,),
             )
         )
+
+    async def recovered(self, session_id: str) -> None:
+        """droid's files of an interrupted session hold no more than its recorded turns again."""
+        await self._run(lambda: self._conn().execute(
+            "UPDATE sessions SET in_flight = 0 WHERE session_id = ?", (session_id,)))
 
     async def complete_turn(self, turn: TurnRow, head_digest: str) -> None:
         """Record a completed turn and move the session's head, in one transaction."""

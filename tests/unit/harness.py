@@ -9,7 +9,10 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
+from aiohttp import web
+
 from droidpool.api.app import build_app
+from droidpool.api.server import make_runner
 from droidpool.api.browser import BrowserPolicy
 from droidpool.api.metrics import Metrics
 from droidpool.config import load
@@ -22,6 +25,15 @@ from droidpool.store import SqliteStore, TurnRow
 from tests.conftest import FAKE_DROID
 
 MODEL = "custom:fake-model"
+
+
+class DaemonTestServer(TestServer):
+    """aiohttp's test server over the daemon's own runner (same handler cancellation, same
+    handling of malformed requests)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        kwargs.pop("handler_cancellation", None)
+        return make_runner(self.app, **kwargs)
 
 
 def turn_row(session_id: str, model: str, usage: Usage, **extra: Any) -> TurnRow:
@@ -70,7 +82,7 @@ async def served(
                                 default_autonomy=config.droid.autonomy,
                                 browser_policy=BrowserPolicy.of(config.server.host, config.server.allowed_hosts,
                                                                 config.server.cors_origins))
-                async with TestClient(TestServer(app)) as client:
+                async with TestClient(DaemonTestServer(app)) as client:
                     yield client, pool
     finally:
         await store.close()

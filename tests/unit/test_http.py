@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from droidpool.api.app import build_app
 from droidpool.config import load
@@ -17,7 +17,7 @@ from droidpool.daemon.service import build_pool, build_turns
 from droidpool.droid.worker import WorkerState
 from droidpool.store import SqliteStore
 from tests.conftest import FAKE_DROID
-from tests.unit.harness import MODEL, served
+from tests.unit.harness import MODEL, DaemonTestServer, served
 
 pytestmark = pytest.mark.anyio
 
@@ -282,7 +282,7 @@ async def test_spawn_failures_make_the_daemon_unready(tmp_path: Path) -> None:
         async with build_pool(config) as pool:
             assert not await pool.wait_warm(20)
             app = build_app(build_turns(config, pool, store), pool, store, max_body_bytes=10000, keepalive_s=5)
-            async with TestClient(TestServer(app)) as client:
+            async with TestClient(DaemonTestServer(app)) as client:
                 ready = await client.get("/readyz")
                 assert ready.status == 503
                 assert "exit" in (await ready.json())["cause"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import types
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -442,12 +443,12 @@ async def test_a_failed_turns_usage_is_counted_without_moving_the_head(tmp_path:
     await store.open()
     await store.create("s", MODEL)
     await store.complete_turn(turn_row("s", MODEL, Usage(3, 3, 0, 0, 0)), "head-1")
-    service = TurnService(None, store, SessionSettings(), Catalog(list))  # type: ignore[arg-type]
+    service = TurnService(types.SimpleNamespace(), store, SessionSettings(), Catalog(list))  # type: ignore[arg-type]
     request = TurnRequest(MODEL, ())
     async def unused(turn: Turn) -> Any:
         raise AssertionError("a failed turn is neither completed nor parked")
 
-    turn = Turn("t", "s", None, False, request, PUBLIC, "head-1", (), Events(),  # type: ignore[arg-type]
+    turn = Turn("t", "s", types.SimpleNamespace(alive=True), False, request, PUBLIC, "head-1", (), Events(),  # type: ignore[arg-type]
                 Deadlines(5, 5, 1), unused, unused)
     with pytest.raises(Exception) as info:
         async for _ in turn.outputs(1.0):
