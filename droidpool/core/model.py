@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,17 +37,30 @@ class Attachment:
 
     kind: AttachmentKind
     media_type: str
-    data: bytes = b""
+    data: bytes = b""  # the bytes (empty while ``encoded`` is not yet decoded: see attachments.decoded)
     name: str = ""
     url: str | None = None
     where: str = field(default="", compare=False)
     problem: str | None = field(default=None, compare=False)
     sha256: str = field(default="", compare=False)
+    encoded: bytes = field(default=b"", compare=False, repr=False)  # base64 as sent, whitespace removed
 
     def __post_init__(self) -> None:
+        # Known by the hash of its base64 text: an image resent in a history is recognised without
+        # decoding it (every client sends canonical base64, so it is the same text in any dialect).
         if not self.sha256:
-            source = self.data if self.url is None else self.url.encode()
+            if self.url is not None:
+                source = self.url.encode()
+            else:
+                source = self.encoded or base64.b64encode(self.data)
             object.__setattr__(self, "sha256", hashlib.sha256(source).hexdigest())
+
+    @property
+    def size(self) -> int:
+        """Its size in bytes (from the base64 length while not decoded)."""
+        if self.data or not self.encoded:
+            return len(self.data)
+        return len(self.encoded) * 3 // 4 - self.encoded[-2:].count(b"=")
 
     @property
     def is_text(self) -> bool:
@@ -56,7 +70,7 @@ class Attachment:
     @property
     def label(self) -> str:
         """How the attachment is named in text droid reads (tool results, transcripts)."""
-        return f"[{self.kind}: {self.name or self.media_type}, {len(self.data)} bytes]"
+        return f"[{self.kind}: {self.name or self.media_type}, {self.size} bytes]"
 
 
 TEXT_DOCUMENT_TYPES = frozenset({"application/json", "application/xml", "application/x-yaml", "application/yaml"})

@@ -11,7 +11,7 @@ import pytest
 from droidpool import errors
 from droidpool.api import anthropic, openai_chat, responses
 from droidpool.core import attachments, conversation, structured
-from droidpool.core.attachments import Limits, check, from_base64, from_text, from_url
+from droidpool.core.attachments import Limits, check, decoded, from_base64, from_text, from_url
 from droidpool.core.model import Attachment, Message, Text, ToolResult, TurnRequest
 from droidpool.core.tools import mcp_content
 from tests.media import b64, data_url, pdf, png
@@ -32,12 +32,15 @@ def refused(items: list[Attachment], limits: Limits | None = None, sees_images: 
 def test_base64_is_decoded_and_known_by_its_bytes() -> None:
     wrapped = "\n".join(b64(PNG)[i:i + 60] for i in range(0, len(b64(PNG)), 60))  # MIME wraps lines
     a = from_base64("image", "image/PNG", wrapped, where="x")
-    assert a.data == PNG and a.media_type == "image/png" and a.problem is None
+    assert a.data == b"" and a.size == len(PNG)  # decoded only when it goes to droid
+    assert decoded(a).data == PNG and a.media_type == "image/png" and a.problem is None
     assert a.sha256 == from_url("image", data_url(PNG), where="y").sha256
+    # known by the hash of its base64: the same whether the bytes came inline or decoded
+    assert a.sha256 == Attachment("image", "image/png", PNG).sha256
 
 
 def test_unreadable_parts_are_kept_with_their_problem() -> None:
-    assert from_base64("image", "image/png", "not base64!!", where="w").problem == "its base64 data is corrupt"
+    assert decoded(from_base64("image", "image/png", "not base64!!", where="w")).problem == "its base64 data is corrupt"
     assert from_base64("image", "image/png", 5, where="w").problem == "its data must be a base64 string"
     assert from_url("image", "data:image/png,no-comma-ok", where="w").data == b"no-comma-ok"
     assert from_url("image", "data:nonsense", where="w").problem == "its data URL is malformed"
@@ -59,7 +62,7 @@ def test_a_good_image_and_documents_pass() -> None:
     items = [from_base64("image", "image/png", b64(PNG), where="a"),
              from_base64("document", "application/pdf", b64(pdf()), where="b"),
              from_text("hello", media_type="text/markdown", name="notes.md", where="c")]
-    assert check(items, Limits(), model="m") == items
+    assert [a.data for a in check(items, Limits(), model="m")] == [PNG, pdf(), b"hello"]
 
 
 @pytest.mark.parametrize(("item", "code", "words"), [
@@ -168,7 +171,7 @@ def test_an_image_reads_the_same_in_every_dialect() -> None:
     assert len(digests) == 1  # a conversation begun in one dialect is matched when resent in another
     for request in requests:
         (image,) = conversation.attachments(request.messages)
-        assert image.data == PNG and image.media_type == "image/png"
+        assert decoded(image).data == PNG and image.media_type == "image/png"
         assert request.messages[0].text == "What is this?"
     other = chat([{"type": "text", "text": "What is this?"},
                   {"type": "image_url", "image_url": {"url": data_url(png(seed=1))}}])
@@ -187,7 +190,7 @@ def test_documents_in_every_dialect() -> None:
     (b,) = conversation.attachments(claude([{"type": "document", "title": "a.pdf", "source": {
         "type": "base64", "media_type": "application/pdf", "data": b64(doc)}}]).messages)
     (c,) = conversation.attachments(codex([{"type": "input_file", "filename": "a.pdf", "file_data": b64(doc)}]).messages)
-    assert a.data == b.data == c.data == doc and a.sha256 == b.sha256 == c.sha256
+    assert decoded(a).data == decoded(b).data == decoded(c).data == doc and a.sha256 == b.sha256 == c.sha256
     assert {a.media_type, b.media_type, c.media_type} == {"application/pdf"} and a.name == b.name == c.name == "a.pdf"
     (text,) = conversation.attachments(claude([{"type": "document", "source": {
         "type": "text", "media_type": "text/plain", "data": "some notes"}}]).messages)
@@ -215,7 +218,7 @@ def test_images_in_tool_results() -> None:
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64(PNG)}}]}]},
     ]}, {}).turn
     result = claude_request.messages[-1].parts[0]
-    assert isinstance(result, ToolResult) and result.content == "the file" and result.attachments[0].data == PNG
+    assert isinstance(result, ToolResult) and result.content == "the file" and decoded(result.attachments[0]).data == PNG
     assert result.attachments[0].where == "messages[2].content[0].content[1]"
     codex_request = responses.parse({"model": "m", "input": [
         {"role": "user", "content": "look"},
@@ -273,7 +276,7 @@ def test_droid_gets_images_files_and_the_schema() -> None:
 
 
 def test_tool_result_images_go_to_droid_over_mcp() -> None:
-    image = from_base64("image", "image/png", b64(PNG), where="a")
+    image = decoded(from_base64("image", "image/png", b64(PNG), where="a"))
     content = mcp_content(ToolResult("t1", "the file", attachments=(image,)))
     assert content == [{"type": "text", "text": "the file"},
                        {"type": "image", "data": base64.b64encode(PNG).decode(), "mimeType": "image/png"}]
