@@ -470,8 +470,10 @@ class TurnService:
             return
         usage = turn.spent if turn is not None else Usage()
         asked = turn.request if turn else request
+        # A parked turn's row was written when it parked (with no usage yet: droid reports it when
+        # the droid turn ends): how it ended is a row of its own, with what droid then reported.
         row = self.ledger.priced_row(TurnRow(
-            turn.turn_id if turn else uuid.uuid4().hex, session_id, asked.model, usage,
+            turn.turn_id if turn and not turn.parked else uuid.uuid4().hex, session_id, asked.model, usage,
             turn.started_at if turn else time.time(), access.owner, asked.dialect,
             status=("resume_refused" if runs and runs[0].refused else "park_ended") if turn is not None and turn.parked
             else "failed",
