@@ -4,6 +4,7 @@ and what droid is given."""
 from __future__ import annotations
 
 import base64
+import types
 from typing import Any
 
 import pytest
@@ -296,3 +297,38 @@ def test_replaced_reaches_tool_results() -> None:
     messages = (Message("tool", (ToolResult("t", "x", attachments=(url,)),)), Message("user", (url,)))
     out = attachments.replaced(messages, lambda a: Attachment("image", "image/png", PNG, sha256=a.sha256))
     assert [a.data for a in conversation.attachments(out)] == [PNG, PNG]
+
+
+@pytest.mark.anyio
+async def test_a_structured_turn_sends_keepalives_while_its_text_is_held() -> None:
+    import anyio
+
+    from droidpool.core.access import PUBLIC
+    from droidpool.core.model import TextOut, TurnResult
+    from droidpool.core.output import Accumulator
+    from droidpool.core.turn import Deadlines, Turn
+    from droidpool.droid.protocol import TextDelta, TurnCompleted, Usage
+
+    class Slow:
+        """Two attempts' deltas, 30 ms apart: droid rejects the first, accepts the second."""
+
+        completed = None
+
+        def __init__(self) -> None:
+            self.events: list[Any] = [*(TextDelta("a1", c) for c in "not json"),
+                                      *(TextDelta("a2", c) for c in '{"ok": true}'), TurnCompleted("completed")]
+
+        async def __anext__(self) -> Any:
+            await anyio.sleep(0.03)
+            if not self.events:
+                raise StopAsyncIteration
+            return self.events.pop(0)
+
+    async def complete(turn: Turn) -> TurnResult:
+        return TurnResult(turn.turn_id, "s", "m", turn.accumulator.text, "", Usage(), 0)
+
+    turn = Turn("t", "s", types.SimpleNamespace(alive=True), False, TurnRequest("m", ()), PUBLIC, "h", (),
+                Slow(), Deadlines(5, 5, 1), complete, complete, Accumulator(structured=True))  # type: ignore[arg-type]
+    outputs = [o async for o in turn.outputs(0.1)]
+    assert [o for o in outputs if o is not None] == [TextOut('{"ok": true}')]  # the rejected attempt never leaves
+    assert outputs.count(None) >= 3  # ~0.6 s of held text: a keep-alive every 0.1 s
