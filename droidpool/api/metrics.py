@@ -54,7 +54,8 @@ class PoolCollector(Collector):
 class TurnsCollector(Collector):
     """Turns parked on client tools, read from the turn service when Prometheus scrapes."""
 
-    EVENTS = ("parked", "resumed", "park_expired", "park_refused", "tool_results_fallback", "tools_deferred")
+    EVENTS = ("parked", "resumed", "park_expired", "park_refused", "park_yielded", "park_undelivered",
+              "resume_refused", "tool_results_fallback", "tools_deferred")
 
     def __init__(self, turns: TurnService) -> None:
         self.turns = turns
@@ -64,8 +65,10 @@ class TurnsCollector(Collector):
                                 value=len(self.turns.parked))
         events = CounterMetricFamily(
             "droidpool_tool_events",
-            "client tools: turns parked on calls, resumed with results, expired, refused (limit), results that "
-            "came too late (sent as a message), turns where droid deferred the tools behind ToolSearch",
+            "client tools: turns parked on calls, resumed with results, expired, refused (limit), yielded to a "
+            "waiting request, released because their client never got the calls, resumes refused for their "
+            "content, results that came too late (sent as a message), turns where droid deferred the tools "
+            "behind ToolSearch",
             labels=["event"])
         for event in self.EVENTS:
             events.add_metric([event], self.turns.counters[event])

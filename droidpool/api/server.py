@@ -10,7 +10,6 @@ tests take the path production takes.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import orjson
@@ -25,7 +24,16 @@ from . import anthropic, openai_wire
 log = structlog.get_logger(__name__)
 
 HANDLER_CANCELLATION = True
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+_REASONS = {
+    "LineTooLong": "a request line or header is too long",
+    "InvalidHeader": "a header is invalid",
+    "BadStatusLine": "the request line is invalid",
+    "BadHttpMethod": "the request method is invalid",
+    "InvalidURLError": "the request target is invalid",
+    "ContentLengthError": "the body does not match its Content-Length",
+    "TransferEncodingError": "the body's transfer encoding is invalid",
+    "BadHttpMessage": "the request is not valid HTTP",
+}
 
 
 class EnvelopedHandler(RequestHandler):
@@ -33,12 +41,13 @@ class EnvelopedHandler(RequestHandler):
     request line, oversize headers) gets a JSON error body in the caller's dialect and one
     warning line, instead of a plain-text body and a traceback on stderr."""
 
-    _head: bytes | None = None
+    _head: bytes | None = None  # the start of the request being read: its request line names the route
     _last_head: bytes = b""
 
     def data_received(self, data: bytes) -> None:
-        if self._head is None:
-            self._head = data[:2048]
+        head = self._head or b""
+        if b"\n" not in head and len(head) < 2048:  # the request line may come in several segments
+            self._head = (head + data)[:2048]
         before = self._request_count
         super().data_received(data)
         if self._request_count != before:  # a message (or a parse error) is queued: the next data is another
@@ -46,7 +55,9 @@ class EnvelopedHandler(RequestHandler):
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        reason = _UNPRINTABLE.sub("?", (message or (str(exc) if exc else "") or "malformed request").split("\n")[0])[:160]
+        # What was wrong, in words of our own: aiohttp's message quotes the client's bytes (a header
+        # that is too long may hold a credential), which go neither back nor to the log.
+        reason = _REASONS.get(type(exc).__name__, "malformed request") if exc is not None else "malformed request"
         log.warning("http.malformed_request", status=status, reason=reason, remote=request.remote)
         if request.writer.output_size > 0:
             raise ConnectionError("the response is already under way")

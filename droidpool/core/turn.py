@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio
 
@@ -16,6 +18,25 @@ from droidpool.store.base import TurnRow
 from .access import Access
 from .model import Message, Output, TextOut, TurnRequest, TurnResult
 from .output import Accumulator
+
+
+T = TypeVar("T")
+
+
+async def to_the_end(work: Awaitable[T]) -> T:
+    """Run ``work`` to its end even if this task is cancelled meanwhile, then let the cancellation
+    go on. aiohttp cancels a handler whose client hung up with ``Task.cancel()``, which anyio's
+    shielded scopes do not stop: a turn's record must not be cut in half by it."""
+    task = asyncio.ensure_future(work)
+    interrupted = False
+    while not task.done():
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            interrupted = True
+    if interrupted:
+        raise asyncio.CancelledError
+    return task.result()
 
 
 @dataclass

@@ -39,7 +39,7 @@ from .output import Accumulator
 from .pricing import Cost
 from .sessions import Sessions, key_lock
 from .tools import LLM_PREFIX, ToolBroker, client_name
-from .turn import Deadlines, Turn
+from .turn import Deadlines, Turn, to_the_end
 
 log = structlog.get_logger(__name__)
 
@@ -328,8 +328,7 @@ class TurnService:
                             turn.created, stop="tool_calls", tool_calls=tuple(acc.tool_calls),
                             standard_tokens=cost.standard_tokens)
         answer = Message("assistant", (Text(acc.text), *acc.tool_calls))
-        await self._record(turn, result, answer, cost)
-        turn.parked = True
+        await self._record(turn, result, answer, cost, parks=True)
         self.counters["parked"] += 1
         log.info("turn.parked", session=turn.session_id, calls=[c.name for c in acc.tool_calls])
         return result
@@ -408,12 +407,16 @@ class TurnService:
             run.expiry.cancel()
         self.broker.supply(parked.session_id, [(use.name.removeprefix(LLM_PREFIX), use.input, by_id[use.id])
                                                for use in permission.tool_uses])
-        await self.store.begin_turn(parked.session_id)
-        run.turn = parked.resumed(uuid.uuid4().hex, request, access, tuple(new))
-        run.turn.attached = (len(checked), sum(len(a.data) for a in checked.values()))
-        self.counters["resumed"] += 1
-        log.info("turn.resumed", session=parked.session_id, results=len(results))
-        await parked.worker.answer_permission(permission.request_id, "proceed_once")
+        try:
+            await self.store.begin_turn(parked.session_id)
+            run.turn = parked.resumed(uuid.uuid4().hex, request, access, tuple(new))
+            run.turn.attached = (len(checked), sum(len(a.data) for a in checked.values()))
+            self.counters["resumed"] += 1
+            log.info("turn.resumed", session=parked.session_id, results=len(results))
+            await parked.worker.answer_permission(permission.request_id, "proceed_once")
+        except BaseException:
+            run.release.set()  # its request went away (or droid did) before the turn went on: release it
+            raise
         return run
 
     async def _unpark(self, run: Run) -> None:
@@ -445,19 +448,27 @@ class TurnService:
         await self._record(turn, result, Message.of("assistant", acc.text), cost)
         return result
 
-    async def _record(self, turn: Turn, result: TurnResult, answer: Message, cost: Cost) -> None:
+    async def _record(self, turn: Turn, result: TurnResult, answer: Message, cost: Cost, *,
+                      parks: bool = False) -> None:
+        """Store the turn and its session's new head; all of it, or none of it: a client that hangs
+        up meanwhile does not cut it short (the turn then counts once, as recorded)."""
         head = conversation.extend(turn.base, (*turn.sent, answer))
         kept = {"result": result.to_json(), "echo": dict(turn.request.echo)} if turn.request.keep_output else None
         row = self.ledger.priced_row(TurnRow(
             turn.turn_id, turn.session_id, turn.request.model, result.usage, turn.started_at, turn.access.owner,
             turn.request.dialect, kept, droid_model=turn.model_id, conversation_key=turn.request.conversation_key,
             attachments=turn.attached[0], attachment_bytes=turn.attached[1]), cost)
-        with anyio.CancelScope(shield=True):
-            await self.store.complete_turn(row, head)
-            await self._save_files(turn.session_id)
-        self.ledger.recorded(row)
-        turn.head = head
-        turn.ledger_row = row
+
+        async def write() -> None:
+            with anyio.CancelScope(shield=True):
+                await self.store.complete_turn(row, head)
+                await self._save_files(turn.session_id)
+            self.ledger.recorded(row)
+            turn.head = head
+            turn.ledger_row = row
+            turn.parked = parks
+
+        await to_the_end(write())
 
     async def _settle_run(self, runs: list[Run], request: TurnRequest, access: Access, session_id: str,
                           model_id: str) -> None:
@@ -466,8 +477,8 @@ class TurnService:
         A parked turn that ended without its results (expired, cancelled, shut down) keeps the
         session as it is: the results, if they come, go to droid as a message."""
         turn = runs[0].turn if runs else None
-        if turn is not None and turn.result is not None and not turn.parked:
-            return
+        if turn is not None and turn.ledger_row is not None and not turn.parked:
+            return  # recorded (even if its request was cancelled just after)
         usage = turn.spent if turn is not None else Usage()
         asked = turn.request if turn else request
         # A parked turn's row was written when it parked (with no usage yet: droid reports it when

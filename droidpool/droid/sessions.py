@@ -312,10 +312,11 @@ def unanswered_cut(data: bytes, client_tool_prefix: str) -> int | None:
     byte offset to cut at, or None when nothing needs cutting.
 
     droid writes a turn's user message when the turn starts and an ``agent_turn_outcome`` line
-    when it ends. A turn with no outcome line was cut short by a crash (droidpool killed while it
-    ran): its lines go, the turn's own ``context-<id>`` message with them. A turn that had parked
-    on client tools keeps its user message and its calls: the client has those, and its results
-    come back as a message."""
+    when it ends. Everything after the last turn droid answered (outcome ``completed``) goes: a
+    turn cut short by a crash has no outcome line, and one whose droid outlived droidpool ends
+    ``process_exit`` or ``cancelled`` with droid's own cancellation messages; the turn's
+    ``context-<id>`` message goes with it. A turn that had parked on client tools keeps its user
+    message and its calls: the client has those, and its results come back as a message."""
     records: list[tuple[int, int, dict[str, Any]]] = []
     offset = 0
     for line in data.split(b"\n"):
@@ -326,7 +327,8 @@ def unanswered_cut(data: bytes, client_tool_prefix: str) -> int | None:
             obj = {}
         records.append((offset, min(end, len(data)), obj if isinstance(obj, dict) else {}))
         offset = end
-    after = max((i for i, (_, _, o) in enumerate(records) if o.get("type") == "agent_turn_outcome"), default=0) + 1
+    after = max((i for i, (_, _, o) in enumerate(records)
+                 if o.get("type") == "agent_turn_outcome" and o.get("reason") in ANSWERED), default=0) + 1
     start = next((i for i in range(after, len(records)) if _is_prompt(records[i][2])), None)
     if start is None:
         return None
@@ -336,6 +338,9 @@ def unanswered_cut(data: bytes, client_tool_prefix: str) -> int | None:
         if _calls_client_tools(records[i][2], client_tool_prefix):
             return records[i][1] if records[i][1] < len(data) else None
     return records[cut][0]
+
+
+ANSWERED = frozenset({"completed", "spec_handoff"})
 
 
 def _is_prompt(obj: Mapping[str, Any]) -> bool:
