@@ -262,8 +262,9 @@ class AttachmentsConfig:
         metadata={"doc": "Largest document (PDF or text) one turn may send droid, in bytes."},
     )
     max_count: int = field(
-        default=100,
-        metadata={"doc": "Most images and documents one turn may send droid (Anthropic's API takes 100)."},
+        default=10,
+        metadata={"doc": "Most images and documents one turn may send droid: droid sends a conversation's last 10 "
+                         "images upstream and replaces older ones with a note (and re-encodes each, ~0.3 s)."},
     )
     max_total_bytes: int = field(
         default=32 * 1024 * 1024,

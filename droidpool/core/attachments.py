@@ -32,11 +32,11 @@ _WHITESPACE = b" \t\r\n\x0b\x0c"
 @dataclass(frozen=True)
 class Limits:
     """What one turn may send droid. The defaults follow the strictest of the upstream providers
-    (Anthropic: 5 MB an image, 100 images and 32 MB a request)."""
+    (Anthropic: 5 MB an image, 32 MB a request) and droid (10 images in a conversation's context)."""
 
     max_image_bytes: int = 5 * MIB
     max_document_bytes: int = 32 * MIB
-    max_count: int = 100
+    max_count: int = 10  # droid sends a conversation's last 10 images upstream
     max_total_bytes: int = 32 * MIB
     fetch_urls: bool = False
     fetch_timeout_s: float = 10.0
@@ -114,6 +114,28 @@ def replaced(messages: Iterable[Message], change: Callable[[Attachment], Attachm
         if isinstance(p, ToolResult) and p.attachments:
             return ToolResult(p.call_id, p.content, p.is_error, tuple(change(a) for a in p.attachments))
         return p
+
+    return tuple(Message(m.role, tuple(part(p) for p in m.parts)) for m in messages)
+
+
+IMAGE_NOT_SHOWN = "[An image the tool returned is not shown: this model does not support image inputs.]"
+
+
+def tool_image(attachment: Attachment, messages: Iterable[Message]) -> bool:
+    """Whether ``attachment`` is an image a tool result of ``messages`` holds."""
+    return attachment.kind == "image" and any(
+        attachment is a for m in messages for p in m.parts if isinstance(p, ToolResult) for a in p.attachments)
+
+
+def without_tool_images(messages: Iterable[Message]) -> tuple[Message, ...]:
+    """``messages`` whose tool results say, instead of each image, that it is not shown (for a model
+    that cannot see images: droid says the same when it is given one)."""
+
+    def part(p: Part) -> Part:
+        if not isinstance(p, ToolResult) or not any(a.kind == "image" for a in p.attachments):
+            return p
+        kept = tuple(a for a in p.attachments if a.kind != "image")
+        return ToolResult(p.call_id, f"{p.content}\n{IMAGE_NOT_SHOWN}".lstrip("\n"), p.is_error, kept)
 
     return tuple(Message(m.role, tuple(part(p) for p in m.parts)) for m in messages)
 

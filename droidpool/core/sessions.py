@@ -10,7 +10,7 @@ import anyio
 import structlog
 
 from droidpool import errors
-from droidpool.droid.sessions import drop_unanswered
+from droidpool.droid.sessions import carry_attachments, drop_unanswered
 from droidpool.droid.worker import DroidRequestError, SessionSettings, Worker
 from droidpool.pool.pool import Pool, Want
 from droidpool.store.base import SessionRecord, SessionStore
@@ -232,6 +232,9 @@ class Sessions:
                 head_digest=source.head_digest, diverged=source.diverged or source.in_flight,
                 owner=access.owner,
             )
+            if self.pool.spec.sessions_dir:
+                await anyio.to_thread.run_sync(carry_attachments, Path(self.pool.spec.sessions_dir), session_id,
+                                               fork_id)
             if forked is not None:
                 await forked(fork_id)
             record = await self.store.get(fork_id)

@@ -274,9 +274,15 @@ class TurnService:
         return runs[0]
 
     def _attachments(self, messages: tuple[Message, ...], request: TurnRequest, model_id: str) -> list[Attachment]:
-        """What ``messages`` attach, checked for droid (a 400 naming the part otherwise)."""
-        return attachments.check(conversation.attachments(messages), self.attachment_limits, model=request.model,
-                                 sees_images=self.catalog.sees_images(model_id))
+        """What ``messages`` attach, checked for droid (a 400 naming the part otherwise). For a model
+        that cannot see images, a tool's image is left out (droid is told so in its place) rather
+        than refused: an agent cannot choose what its tools return."""
+        sees = self.catalog.sees_images(model_id)
+        items = conversation.attachments(messages)
+        if not sees:
+            items = [a for a in items if not attachments.tool_image(a, messages)]
+        shown = request.model if self.catalog.alias(request.model) == model_id else f"{request.model} ({model_id})"
+        return attachments.check(items, self.attachment_limits, model=shown, sees_images=sees)
 
     def _want(self, model_id: str, request: TurnRequest, system: str | None, access: Access, key: str) -> Want:
         """What the pool must give this turn, MCP servers included: a session with client tools
@@ -389,6 +395,8 @@ class TurnService:
             await self._unpark(run)
             raise
         new = attachments.replaced(new, lambda a: checked.get(a.sha256, a))  # the types their bytes say
+        if not self.catalog.sees_images(parked.model_id or model_id):
+            new = attachments.without_tool_images(new)
         results = [p for m in new for p in m.parts if isinstance(p, ToolResult)]
         permission = parked.accumulator.permission
         assert permission is not None

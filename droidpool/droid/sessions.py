@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Mapping
@@ -247,7 +248,6 @@ def plan_prune(sessions_dir: Path, worker_cwd: Path, known: Mapping[str, bool], 
 def apply_prune(plan: PrunePlan) -> None:
     """Delete what ``plan`` names (droid's folder for a cwd goes too once empty)."""
     import contextlib
-    import shutil
 
     for session, _ in plan.sessions:
         for path in session.paths:
@@ -375,3 +375,20 @@ def drop_unanswered(sessions_dir: Path, session_id: str, client_tool_prefix: str
             _write_atomic(path, data[:cut])
             removed += len(data) - cut
     return removed
+
+
+def carry_attachments(sessions_dir: Path, source_id: str, fork_id: str) -> int:
+    """A fork of ``source_id`` gets its own copy of the source's PDFs (droid keeps them in
+    ``<sessions>/<session id>/attachments`` and its fork points at the source's, which go when the
+    source is pruned); the fork's file is pointed at the copies. The files copied."""
+    source = sessions_dir / source_id / "attachments"
+    if not source.is_dir():
+        return 0
+    target = sessions_dir / fork_id / "attachments"
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    old, new = f"/sessions/{source_id}/attachments/".encode(), f"/sessions/{fork_id}/attachments/".encode()
+    for path in sessions_dir.glob(f"*/{fork_id}{GROWING}"):
+        data = path.read_bytes()
+        if old in data:
+            _write_atomic(path, data.replace(old, new))
+    return sum(1 for p in target.iterdir() if p.is_file())

@@ -180,3 +180,20 @@ def test_a_sessions_pdfs_go_with_it(tmp_path: Path) -> None:
     assert plan.bytes >= 1009
     sessions.apply_prune(plan)
     assert not minted.jsonl_path.exists() and not (droid_dir / sid).exists()
+
+
+def test_a_fork_gets_its_own_copy_of_the_sources_pdfs(tmp_path: Path) -> None:
+    sessions_dir = tmp_path / "sessions"
+    source, fork = "0000000a-0000-4000-8000-000000000000", "0000000b-0000-4000-8000-000000000000"
+    (sessions_dir / source / "attachments").mkdir(parents=True)
+    (sessions_dir / source / "attachments" / "1-doc.pdf").write_bytes(b"%PDF-1.4 x")
+    (sessions_dir / "-w").mkdir()
+    pdf_path = f"/home/d/.factory/sessions/{source}/attachments/1-doc.pdf"
+    (sessions_dir / "-w" / f"{fork}.jsonl").write_bytes(record({"type": "message", "id": "u", "message": {
+        "role": "user", "content": [{"type": "document", "source": {"type": "base64", "data": "", "path": pdf_path}}]}}))
+    assert sessions.carry_attachments(sessions_dir, source, fork) == 1
+    assert (sessions_dir / fork / "attachments" / "1-doc.pdf").read_bytes() == b"%PDF-1.4 x"
+    text = (sessions_dir / "-w" / f"{fork}.jsonl").read_text()
+    assert f"/sessions/{fork}/attachments/1-doc.pdf" in text and source not in text
+    assert sessions.carry_attachments(sessions_dir, fork, "none") == 1  # and on, from a fork
+    assert sessions.carry_attachments(sessions_dir, "no-such-session", fork) == 0
