@@ -18,7 +18,7 @@ import structlog
 from droidpool import errors
 from droidpool.config import Budget
 from droidpool.droid.protocol import Usage
-from droidpool.store.base import Dimension, LedgerGroup, LedgerQuery, SessionStore, TurnRow
+from droidpool.store.base import Dimension, LedgerGroup, LedgerQuery, LedgerStore, TurnRow
 
 from .budgets import BudgetState, Tally, applies, due_warning
 from .catalog import Catalog
@@ -35,7 +35,7 @@ PRUNE_EVERY_S = 60.0  # how often every scope's old buckets are dropped
 class Ledger:
     """Prices turns and keeps keys within their budgets; ``store`` holds the rows it sums."""
 
-    store: SessionStore
+    store: LedgerStore
     catalog: Catalog
     pricing: Pricing = field(default_factory=lambda: Pricing({}))
     budgets: tuple[Budget, ...] = ()

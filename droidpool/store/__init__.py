@@ -2,10 +2,24 @@
 
 from pathlib import Path
 
-from .base import MAX_LIST_LIMIT, Page, SessionRecord, SessionStore, TurnRow, UnknownCursor
+from .base import (
+    MAX_LIST_LIMIT,
+    ClusterStore,
+    LedgerStore,
+    Locks,
+    NodeRegistry,
+    Page,
+    SessionFiles,
+    SessionRecord,
+    SessionRecords,
+    SessionStore,
+    TurnRow,
+    UnknownCursor,
+)
 from .sqlite import MIGRATIONS, SqliteStore
 
-__all__ = ["MAX_LIST_LIMIT", "MIGRATIONS", "Page", "SessionRecord", "SessionStore", "SqliteStore", "TurnRow",
+__all__ = ["MAX_LIST_LIMIT", "MIGRATIONS", "ClusterStore", "LedgerStore", "Locks", "NodeRegistry", "Page",
+           "SessionFiles", "SessionRecord", "SessionRecords", "SessionStore", "SqliteStore", "TurnRow",
            "UnknownCursor", "open_store"]
 
 

@@ -1,4 +1,4 @@
-"""The store's contract: session and turn records, and the operations every backend provides."""
+"""The store's contract: session and turn records, and the operations every backend provides, by concern."""
 
 from __future__ import annotations
 
@@ -159,22 +159,10 @@ class UnknownCursor(LookupError):
     """A list's ``after`` names no session."""
 
 
-class SessionStore(Protocol):
-    """What the core needs from a store; one contract-test suite runs against every backend."""
+class SessionRecords(Protocol):
+    """Sessions and the turns recorded on them: lookups, the list, turn bookkeeping, expiry."""
 
-    ttl_s: float
-
-    async def open(self) -> None: ...
-    async def close(self) -> None: ...
-    def on_lock_loss(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` if the locks ``hold`` gave are lost (their connection died): whoever
-        holds them must stop, since another node may now enter the same session."""
-        ...
-
-    def hold(self, name: str) -> AbstractAsyncContextManager[None]:
-        """Exclude every other holder of ``name`` sharing this store (other nodes); the caller
-        serializes its own process's holders first. Released if the holder's node dies."""
-        ...
+    ttl_s: float  # a session untouched this long expires
 
     # reads
     async def get(self, session_id: str) -> SessionRecord | None: ...
@@ -188,8 +176,6 @@ class SessionStore(Protocol):
         """Sessions (this node's, or no node's) whose last turn reached droid and was never recorded."""
         ...
     async def get_turn(self, turn_id: str, owner: str) -> TurnRow | None: ...
-    async def ledger(self, query: LedgerQuery) -> list[LedgerGroup]: ...
-    async def ledger_entries(self, after: int, since: float, limit: int) -> list[LedgerEntry]: ...
 
     # writes
     async def create(
@@ -212,18 +198,64 @@ class SessionStore(Protocol):
     async def complete_turn(self, turn: TurnRow, head_digest: str) -> None: ...
     async def fail_turn(self, turn: TurnRow, *, diverge: bool = True) -> None: ...
     async def forget_output(self, turn_id: str, owner: str) -> bool: ...
+    async def delete(self, session_id: str) -> bool:
+        """Forget a session, its droid files and its turns' kept outputs (their ledger rows stay)."""
+        ...
+    async def sweep(self) -> int:
+        """Delete every expired session as ``delete`` does, and drop outputs kept as long; how many
+        sessions went."""
+        ...
 
-    # several nodes: the registry, which node holds each session, droid's session files
+
+class LedgerStore(Protocol):
+    """The usage ledger's reads; its rows are the turns ``complete_turn`` and ``fail_turn`` write."""
+
+    async def ledger(self, query: LedgerQuery) -> list[LedgerGroup]: ...
+    async def ledger_entries(self, after: int, since: float, limit: int) -> list[LedgerEntry]: ...
+
+
+class NodeRegistry(Protocol):
+    """The nodes sharing the store, and which of them holds each session's live worker."""
+
     async def heartbeat(self, node: NodeRow) -> None: ...
     async def nodes(self, sessions: bool = False) -> list[NodeRow]: ...
     async def remove_node(self, node_id: str) -> None: ...
     async def claim(self, session_id: str, node_id: str | None) -> None: ...
     async def release_node(self, node_id: str) -> int: ...
+
+
+class SessionFiles(Protocol):
+    """droid's session files, kept in the store so that any node can take a session over."""
+
     async def save_files(self, session_id: str, appends: list[tuple[str, int, bytes]],
                          replaces: list[tuple[str, bytes]]) -> None: ...
     async def load_files(self, session_id: str) -> dict[str, bytes]: ...
-    async def delete(self, session_id: str) -> bool: ...
-    async def sweep(self) -> int: ...
+
+
+class Locks(Protocol):
+    """Locks by name that exclude the other nodes sharing the store."""
+
+    def hold(self, name: str) -> AbstractAsyncContextManager[None]:
+        """Exclude every other holder of ``name`` sharing this store (other nodes); the caller
+        serializes its own process's holders first. Released if the holder's node dies."""
+        ...
+
+    def on_lock_loss(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` if the locks ``hold`` gave are lost (their connection died): whoever
+        holds them must stop, since another node may now enter the same session."""
+        ...
+
+
+class ClusterStore(NodeRegistry, SessionFiles, Protocol):
+    """What a node among several needs: the registry, and droid's session files."""
+
+
+class SessionStore(SessionRecords, LedgerStore, NodeRegistry, SessionFiles, Locks, Protocol):
+    """All of it, opened and closed: what a backend implements and the daemon passes around. One
+    contract-test suite runs against every backend."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
 
 
 def assemble(rows: Iterable[tuple[str, int, bytes]]) -> dict[str, bytes]:
