@@ -13,7 +13,7 @@ from aiohttp import web
 
 from droidpool import errors
 from droidpool.core.access import ANONYMOUS, Authenticator
-from droidpool.core.turns import TurnService
+from droidpool.core.service import TurnService
 from droidpool.pool.pool import Pool
 from droidpool.store.base import SessionStore
 
@@ -37,10 +37,10 @@ from .context import (
 )
 from .dialect import Dialect
 from .forward import from_node
+from .handler import serve_turn
 from .metrics import Metrics
 from .openai_chat import DIALECT as CHAT
 from .openai_wire import error_body as openai_error_body
-from .turns import serve_turn
 
 log = structlog.get_logger(__name__)
 
@@ -96,6 +96,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             if exc.status == 413:
                 message = f"The request body is larger than the limit of {request.app._client_max_size} bytes."
             response = error_response(request, kind(message))
+        except ConnectionResetError:
+            # The client went away (mid-body, or while its answer was written): nobody to answer.
+            log.info("http.client_disconnected", path=request.path)
+            response = web.Response(status=499)
         except Exception:
             log.exception("http.unhandled_error", path=request.path)
             response = error_response(request, errors.InternalError("Internal error; see the droidpool log."))
@@ -239,4 +243,21 @@ def build_app(
     ops.add_routes(app.router)
     sessions.add_routes(app.router)
     usage.add_routes(app.router)
+    for route in app.router.routes():
+        route._expect_handler = expect  # aiohttp runs it before any middleware: it must answer in an envelope
     return app
+
+
+async def expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` is answered as aiohttp does; any other expectation gets a 417 in the
+    caller's envelope (aiohttp's own answer is plain text, or a 500 when the value is not ASCII)."""
+    value = request.headers.get("Expect", "")
+    if value.lower() == "100-continue":
+        if request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        return None
+    error = errors.InvalidRequest("Only the expectation 100-continue is supported.", param="Expect",
+                                  code="expectation_failed")
+    status, body = error_body_for(request)(error)
+    return json_response(body, 417)

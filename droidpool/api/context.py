@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+import aiohttp.http_exceptions
 import anyio
 import orjson
 from aiohttp import web
 
 from droidpool import errors
 from droidpool.core.access import Authenticator, Principal
-from droidpool.core.turns import TurnService
+from droidpool.core.service import TurnService
 from droidpool.pool.pool import Pool
 from droidpool.store.base import SessionStore
 
@@ -46,6 +47,8 @@ async def read_json(request: web.Request) -> Any:
         raise errors.RequestTimeout(
             f"The request body did not arrive within {request.app[BODY_TIMEOUT_S]:g} s."
         ) from None
+    except aiohttp.http_exceptions.HttpProcessingError as exc:  # a body its Content-Encoding does not fit
+        raise errors.InvalidRequest(f"The request body cannot be read: {type(exc).__name__}.") from None
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

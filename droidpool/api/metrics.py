@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from droidpool.core.turns import TurnService
+from droidpool.core.service import TurnService
 from droidpool.droid.protocol import Usage
 from droidpool.pool.pool import Pool
 

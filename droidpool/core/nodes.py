@@ -21,7 +21,12 @@ from droidpool.droid.sessions import (
     restore_session_files,
     session_file_paths,
 )
-from droidpool.store.base import NodeRow, SessionStore
+from droidpool.store.base import ClusterStore, NodeRow, SessionRecord
+
+from . import conversation
+from .access import Access
+from .model import TurnRequest
+from .sessions import Sessions
 
 log = structlog.get_logger(__name__)
 
@@ -63,7 +68,7 @@ class Cluster:
     """This node among the others sharing ``store``: its registry entry and heartbeat, the routing
     of turns, and the copy of droid's session files in the store. ``run()`` beats until cancelled."""
 
-    store: SessionStore
+    store: ClusterStore
     node_id: str
     url: str
     secret: str
@@ -174,6 +179,15 @@ class Cluster:
     def forget(self, session_id: str) -> None:
         self._uploaded.pop(session_id, None)
 
+    async def keep_files(self, session_id: str) -> None:
+        """After a turn: droid's files of the session go to the store; a failure is counted and
+        logged (the turn stands; another node may lack it)."""
+        try:
+            await self.save(session_id)
+        except Exception as exc:  # noqa: BLE001 - the turn stands; another node may lack it
+            self.counters["files_save_failed"] += 1
+            log.error("nodes.files_save_failed", session=session_id, error=str(exc))
+
     def _remember(self, session_id: str, sizes: dict[str, int]) -> dict[str, int]:
         if len(self._uploaded) >= MAX_TRACKED and session_id not in self._uploaded:
             self._uploaded.pop(next(iter(self._uploaded)))  # the oldest: re-read from the store if needed
@@ -195,3 +209,32 @@ def _same_files(sessions_dir: Path, session_id: str, files: Mapping[str, bytes])
     local = session_file_paths(sessions_dir, session_id)
     return all(name in local and local[name].stat().st_size == len(data) and local[name].read_bytes() == data
                for name, data in files.items())
+
+
+# --- where a turn runs ------------------------------------------------------------------------
+
+
+async def forward_early(cluster: Cluster, sessions: Sessions, request: TurnRequest, access: Access) -> None:
+    """A session another live node holds: ``Forward`` at once, before any lock or budget check here
+    (the holder does them). A race with a move is settled by ``place``, under the lock."""
+    record = await sessions.peek(request, conversation.seed(request.system, namespace=access.owner), access)
+    if record is None or record.node_id in (None, cluster.node_id) or record.owner != access.owner:
+        return
+    decision = route(record.node_id, cluster.node_id, cluster.nodes, cluster.clock(), cluster.dead_after_s)
+    if decision.route == "forward":
+        assert decision.url is not None and decision.holder is not None
+        cluster.counters["forwards"] += 1
+        raise Forward(decision.url, decision.holder)
+
+
+async def place(cluster: Cluster, sessions: Sessions, record: SessionRecord, local: bool) -> None:
+    """Under the session's lock: run here, forward to the node holding the session (``Forward``),
+    or take it over (its files restored here; a worker here with an older copy lets it go)."""
+    decision = await cluster.decide(record.node_id)
+    if decision.route == "forward" and not local:
+        assert decision.url is not None and decision.holder is not None
+        cluster.counters["forwards"] += 1
+        raise Forward(decision.url, decision.holder)
+    moved = decision.route != "local" or record.node_id != cluster.node_id
+    if moved and await cluster.take_over(record.session_id, record.node_id):
+        sessions.pool.forget_session(record.session_id)

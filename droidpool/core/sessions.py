@@ -257,6 +257,8 @@ class Sessions:
 
     async def forget_unanswered(self, session_id: str) -> int:
         """Cut droid's file of ``session_id`` back to its last answered turn (bytes removed)."""
+        if not self.pool.spec.sessions_dir:
+            return 0
         sessions_dir = Path(self.pool.spec.sessions_dir)
         return await anyio.to_thread.run_sync(drop_unanswered, sessions_dir, session_id, LLM_PREFIX)
 

@@ -14,7 +14,7 @@ import base64
 import hashlib
 import re
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +104,15 @@ class ToolBroker:
 
     def get(self, key: str) -> SessionTools | None:
         return self._by_key.get(key)
+
+    def retain(self, live: Collection[str], keep: Collection[str] = ()) -> int:
+        """Forget every session's tools but those of ``live`` sessions and the ``keep`` keys (the
+        sweep's: a session that expired, was deleted or never began no longer needs them); how
+        many went."""
+        gone = [k for k in self._by_key if k not in live and k not in keep and not k.startswith("\0")]
+        for key in gone:
+            self.forget(key)
+        return len(gone)
 
     def forget(self, key: str) -> None:
         entry = self._by_key.pop(key, None)

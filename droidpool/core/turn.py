@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import anyio
 
@@ -18,7 +18,6 @@ from droidpool.store.base import TurnRow
 from .access import Access
 from .model import Message, Output, TextOut, TurnRequest, TurnResult
 from .output import Accumulator
-
 
 T = TypeVar("T")
 
@@ -46,26 +45,35 @@ class Deadlines:
     interrupt_grace_s: float = 3.0
 
 
-@dataclass
+class Bookkeeper(Protocol):
+    """What records a turn (``core/recorder.Recorder``): once droid completes it, or once it parks
+    on client tools."""
+
+    async def complete(self, turn: Turn) -> TurnResult: ...
+    async def park(self, turn: Turn) -> TurnResult: ...
+
+
+@dataclass(kw_only=True)
 class Turn:
     """A running turn. ``outputs()`` streams it under its deadlines. When droid completes it, it
     is recorded before the last output is handed over and ``result`` is set; when the LLM calls
     client tools it is recorded as far as the calls, ``result`` says ``tool_calls`` and the
     droid turn stays open (``parked``) for the request that brings the results. A turn that
-    fails raises its error from ``outputs()``; one left unfinished is settled as failed."""
+    fails raises its error from ``outputs()``; one left unfinished is settled as failed (by its
+    recorder, when its driver lets go of it)."""
 
     turn_id: str
     session_id: str
-    worker: Worker
-    new_session: bool
+    model_id: str  # the droid model it runs on
     request: TurnRequest
     access: Access
+    worker: Worker
+    stream: TurnStream = field(repr=False)
+    recorder: Bookkeeper = field(repr=False)
+    deadlines: Deadlines = field(repr=False)
     base: str  # digest of the history before ``sent``
     sent: tuple[Message, ...]  # the request's messages this turn gives droid
-    _stream: TurnStream = field(repr=False)
-    _deadlines: Deadlines = field(repr=False)
-    _complete: Callable[[Turn], Awaitable[TurnResult]] = field(repr=False)
-    _park: Callable[[Turn], Awaitable[TurnResult]] = field(repr=False)
+    attached: tuple[int, int] = (0, 0)  # the images and documents it gave droid: how many, how many bytes
     accumulator: Accumulator = field(default_factory=Accumulator)
     started_at: float = field(default_factory=time.time)
     started: float = field(default_factory=time.monotonic)
@@ -73,9 +81,7 @@ class Turn:
     result: TurnResult | None = None
     head: str | None = None  # the history digest once recorded
     parked: bool = False
-    model_id: str = ""  # the droid model it runs on
     ledger_row: TurnRow | None = None  # its row in the usage ledger, once recorded
-    attached: tuple[int, int] = (0, 0)  # the images and documents it gave droid: how many, how many bytes
     client_gone: bool = False  # its client hung up before it had everything: a park is released at once
 
     @property
@@ -108,30 +114,30 @@ class Turn:
                 quiet_since = time.monotonic()
                 yield None
             if self.accumulator.permission is not None:
-                self.result = await self._park(self)  # droid waits for the client's results
+                self.result = await self.recorder.park(self)  # droid waits for the client's results
                 return
         failure = self.accumulator.failure()
         if failure is not None:
             raise failure
-        self.result = await self._complete(self)
+        self.result = await self.recorder.complete(self)
         if self.accumulator.structured and self.result.text:
             yield TextOut(self.result.text)  # the answer droid accepted, recorded already
 
     async def _events(self, tick_s: float) -> AsyncIterator[TurnEvent | None]:
         while True:
             now = time.monotonic()
-            deadline = self.started + self._deadlines.turn_s
+            deadline = self.started + self.deadlines.turn_s
             if self.first_token_at is None:
-                deadline = min(deadline, self.started + self._deadlines.first_token_s)
+                deadline = min(deadline, self.started + self.deadlines.first_token_s)
             wait = min(tick_s, deadline - now)
             if wait <= 0:
                 which = "first token" if self.first_token_at is None else "turn"
-                limit = self._deadlines.first_token_s if self.first_token_at is None else self._deadlines.turn_s
+                limit = self.deadlines.first_token_s if self.first_token_at is None else self.deadlines.turn_s
                 raise errors.DeadlineExceeded(f"droid exceeded the {which} deadline of {limit:g} s")
             event: TurnEvent | None = None
             with anyio.move_on_after(wait):
                 try:
-                    event = await self._stream.__anext__()
+                    event = await self.stream.__anext__()
                 except StopAsyncIteration:
                     return
             if event is None:
@@ -146,13 +152,15 @@ class Turn:
     @property
     def spent(self) -> Usage:
         """What droid reports the turn used, including after an interrupt nobody read."""
-        completed = self._stream.completed
+        completed = self.stream.completed
         return completed.usage if completed is not None else self.accumulator.usage
 
-    def resumed(self, turn_id: str, request: TurnRequest, access: Access, sent: tuple[Message, ...]) -> Turn:
+    def resumed(self, turn_id: str, request: TurnRequest, access: Access, sent: tuple[Message, ...],
+                attached: tuple[int, int]) -> Turn:
         """The same droid turn, carried on by another request (the one with the tool results)."""
         assert self.head is not None
-        return Turn(turn_id, self.session_id, self.worker, False, request, access, self.head, sent, self._stream,
-                    self._deadlines, self._complete, self._park,
-                    Accumulator(client_name=self.accumulator.client_name, structured=self.accumulator.structured),
-                    model_id=self.model_id)
+        return Turn(turn_id=turn_id, session_id=self.session_id, model_id=self.model_id, request=request,
+                    access=access, worker=self.worker, stream=self.stream, recorder=self.recorder,
+                    deadlines=self.deadlines, base=self.head, sent=sent, attached=attached,
+                    accumulator=Accumulator(client_name=self.accumulator.client_name,
+                                            structured=self.accumulator.structured))

@@ -14,7 +14,6 @@ import anyio
 
 from droidpool.api.browser import is_loopback
 from droidpool.config import ALL_TOOL_IDS, Config
-from droidpool.droid import sessions
 from droidpool.droid.launch import (
     StartupError,
     droid_settings_path,
@@ -22,6 +21,7 @@ from droidpool.droid.launch import (
     resolve_binary,
     worker_env,
 )
+from droidpool.droid.minted import check_loaded, mint
 from droidpool.droid.sessions import droid_sessions_dir
 from droidpool.droid.worker import DroidRequestError, SessionSettings, Worker
 
@@ -170,9 +170,9 @@ async def _check_minting(config: Config, worker: Worker, report: Report) -> None
     settings = SessionSettings(system_prompt="droidpool doctor", disabled_tool_ids=ALL_TOOL_IDS)
     started = time.monotonic()
     try:
-        minted = sessions.mint(droid_sessions_dir(config), config.worker_cwd / "self-test", settings, "droidpool")
+        minted = mint(droid_sessions_dir(config), config.worker_cwd / "self-test", settings, "droidpool")
         result = await worker.load_session(minted.session_id, config.pool.spawn_timeout_s)
-        problems = sessions.check_loaded(result, minted, settings)
+        problems = check_loaded(result, minted, settings)
     except (OSError, DroidRequestError) as exc:
         problems = [str(exc)]
     if problems:

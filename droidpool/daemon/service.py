@@ -7,7 +7,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -27,10 +27,12 @@ from droidpool.core.attachments import Limits
 from droidpool.core.catalog import Catalog
 from droidpool.core.ledger import Ledger
 from droidpool.core.nodes import Cluster
+from droidpool.core.parking import ToolLimits
 from droidpool.core.pricing import Pricing
+from droidpool.core.service import TurnService
 from droidpool.core.tools import ToolBroker, offered_directly
 from droidpool.core.turn import Deadlines
-from droidpool.core.turns import ToolLimits, TurnService
+from droidpool.droid import images
 from droidpool.droid.launch import (
     StartupError,
     base_settings,
@@ -39,12 +41,12 @@ from droidpool.droid.launch import (
     launch_spec,
     turn_end_reasons,
 )
-from droidpool.droid import images
 from droidpool.droid.sessions import apply_prune, droid_sessions_dir, plan_prune
-from droidpool.droid.worker import LaunchSpec
+from droidpool.droid.worker import LaunchSpec, Worker
 from droidpool.pool import procfs
+from droidpool.pool.fleet import WorkerFactory
 from droidpool.pool.policy import PoolPolicy, auto_max_workers
-from droidpool.pool.pool import Pool
+from droidpool.pool.pool import Pool, open_pool
 from droidpool.store import SessionStore, open_store
 
 from . import logs
@@ -59,11 +61,14 @@ def pool_policy(config: Config) -> PoolPolicy:
     return PoolPolicy.from_config(config.pool, max_workers=max(cap, config.pool.idle_min))
 
 
-def build_pool(config: Config, spec: LaunchSpec | None = None) -> Pool:
-    return Pool(
+def open_configured_pool(config: Config, spec: LaunchSpec | None = None,
+                         worker_factory: WorkerFactory = Worker) -> AbstractAsyncContextManager[Pool]:
+    """The pool ``config`` describes, run for the ``async with`` block (see ``open_pool``)."""
+    return open_pool(
         spec or launch_spec(config),
         base_settings=base_settings(config),
         policy=pool_policy(config),
+        worker_factory=worker_factory,
         mint=config.pool.mint_sessions,
     )
 
@@ -261,7 +266,7 @@ class Daemon:
         store = open_store(store_url(config, os.environ), config.store_path, config.store.session_ttl_s)
         await store.open()
         try:
-            async with build_pool(config, spec) as pool, running_turns(config, pool, store) as turns:
+            async with open_configured_pool(config, spec) as pool, running_turns(config, pool, store) as turns:
                 self.pool = pool
                 self.turns = turns
                 app = build_app(

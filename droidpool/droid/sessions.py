@@ -1,11 +1,10 @@
 """droid's sessions on disk: ``<HOME>/.factory/sessions/<cwd folder>/<id>.jsonl`` and its settings.
 
 This module owns droid's on-disk session layout (observed on droid 0.225.2; it is droid's
-internal format, checked by the pool's self-test at start-up): the folder named after the
-session's working directory, the ``.settings.json`` that fixes a session's system prompt,
-model, effort, autonomy and tools, and the ``.jsonl`` of its messages. droidpool writes
-("mints") a new conversation's session itself: loading it into any idle droid process
-starts a clean conversation there in ~50 ms, where a new process takes ~0.6 s.
+internal format): the folder named after the session's working directory, the
+``.settings.json`` that fixes a session's system prompt, model, effort, autonomy and tools, and
+the ``.jsonl`` of its messages. Here: finding and pruning droidpool's sessions, copying them
+between nodes, and cutting a crashed turn out of one. Writing a new one is ``minted.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,73 +22,11 @@ from typing import Any
 from droidpool.config import Config
 
 from .launch import droid_dir
-from .worker import SessionSettings
-
-# droid's autonomy levels and the autonomy modes it stores with them.
-AUTONOMY_MODES = {"off": "normal", "low": "auto-low", "medium": "auto-medium", "high": "auto-high"}
-SESSION_FORMAT_VERSION = 2
 
 
 def folder_name(cwd: str) -> str:
     """droid's folder for sessions that run in ``cwd``: every ``/`` becomes ``-``."""
     return cwd.replace("/", "-")
-
-
-@dataclass(frozen=True)
-class Minted:
-    """A session droidpool wrote: its id, its working directory, and its two files."""
-
-    session_id: str
-    cwd: Path
-    settings_path: Path
-    jsonl_path: Path
-
-
-def settings_document(settings: SessionSettings) -> dict[str, Any]:
-    """The ``.settings.json`` of a new session: everything droid fixes at its start."""
-    doc: dict[str, Any] = {
-        "reasoningEffort": settings.reasoning_effort or "none",
-        "interactionMode": "auto",
-        "autonomyLevel": settings.autonomy,
-        "autonomyMode": AUTONOMY_MODES[settings.autonomy],
-        "disabledToolIds": list(settings.disabled_tool_ids),
-    }
-    if settings.model_id:
-        doc["model"] = settings.model_id
-    if settings.system_prompt:
-        doc["systemPrompt"] = settings.system_prompt
-    return doc
-
-
-def session_lines(session_id: str, cwd: Path, title: str | None, now: float) -> list[dict[str, Any]]:
-    """The ``.jsonl`` of a new session: its start, and one empty context message (droid
-    replaces it with a fresh one of its own; a session with no message would not load)."""
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
-    start: dict[str, Any] = {"type": "session_start", "id": session_id, "title": title or "New Session",
-                             "owner": "unknown", "version": SESSION_FORMAT_VERSION, "cwd": str(cwd)}
-    if title:
-        start["isSessionTitleManuallySet"] = True  # no title request to the LLM on the first turn
-    context = {"type": "message", "id": f"context-{uuid.uuid4()}", "timestamp": stamp,
-               "message": {"role": "user", "content": [], "visibility": "llm_only"}}
-    return [start, context]
-
-
-def mint(sessions_dir: Path, workdir_root: Path, settings: SessionSettings, title: str | None,
-         session_id: str | None = None) -> Minted:
-    """Write a new session for ``settings`` with a working directory of its own under
-    ``workdir_root``. The settings file goes first, each file atomically (written aside, then
-    renamed), so droid never reads half a session."""
-    session_id = session_id or str(uuid.uuid4())
-    cwd = workdir_root / session_id
-    cwd.mkdir(parents=True, mode=0o700, exist_ok=True)
-    folder = sessions_dir / folder_name(str(cwd))
-    folder.mkdir(parents=True, mode=0o700, exist_ok=True)
-    settings_path = folder / f"{session_id}.settings.json"
-    jsonl_path = folder / f"{session_id}.jsonl"
-    _write_atomic(settings_path, json.dumps(settings_document(settings)).encode())
-    lines = session_lines(session_id, cwd, title, time.time())
-    _write_atomic(jsonl_path, b"".join(json.dumps(line).encode() + b"\n" for line in lines))
-    return Minted(session_id, cwd, settings_path, jsonl_path)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -101,28 +37,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(aside, path)
-
-
-def check_loaded(result: Mapping[str, Any], minted: Minted, settings: SessionSettings) -> list[str]:
-    """What is wrong with droid's answer to ``load_session`` of a minted session (empty: all
-    well). A process that loaded it must hold exactly that one empty message, the expected
-    system prompt and working directory: anything else could leak an earlier conversation."""
-    problems = []
-    session = result.get("session")
-    messages = session.get("messages") if isinstance(session, Mapping) else None
-    if not isinstance(messages, list) or len(messages) != 1:
-        count = len(messages) if isinstance(messages, list) else "no"
-        problems.append(f"the loaded session holds {count} messages, not the 1 written")
-    elif not isinstance(messages[0], Mapping) or messages[0].get("visibility") != "llm_only" \
-            or messages[0].get("content"):
-        problems.append("the loaded session's message is not the empty context message written")
-    loaded = result.get("settings")
-    prompt = loaded.get("systemPrompt") if isinstance(loaded, Mapping) else None
-    if settings.system_prompt and prompt != settings.system_prompt:
-        problems.append("the loaded session does not have the system prompt written")
-    if result.get("cwd") != str(minted.cwd):
-        problems.append(f"the loaded session's cwd is {result.get('cwd')!r}, not {str(minted.cwd)!r}")
-    return problems
 
 
 @dataclass(frozen=True)

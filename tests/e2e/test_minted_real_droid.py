@@ -11,7 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from droidpool.droid import sessions
+from droidpool.droid import minted
 from tests.conftest import Daemon, FakeLLMProcess, start_daemon, write_droid_home
 from tests.unit import harness
 
@@ -90,8 +90,8 @@ async def test_a_broken_format_is_caught_by_the_self_test_and_nothing_leaks(
 ) -> None:
     # A droid upgrade that needs another format looks like this to droidpool: the session it
     # writes does not load as written (here: no context message, which droid loads as empty).
-    original = sessions.session_lines
-    monkeypatch.setattr(sessions, "session_lines", lambda *args: original(*args)[:1])
+    original = minted.session_lines
+    monkeypatch.setattr(minted, "session_lines", lambda *args: original(*args)[:1])
     write_droid_home(tmp_path / "home", fake_llm.url)
     overrides = {"droid.binary": real_droid, "droid.airgap": True, "pool.models": [], "pool.max_workers": 3,
                  "pool.spawn_timeout_s": 30.0, "deadlines.first_token_s": 30.0}

@@ -7,17 +7,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from aiohttp import web
-
 from droidpool.api.app import build_app
-from droidpool.api.server import make_runner
 from droidpool.api.browser import BrowserPolicy
 from droidpool.api.metrics import Metrics
+from droidpool.api.server import make_runner
 from droidpool.config import load
 from droidpool.core.access import Authenticator
-from droidpool.daemon.service import build_pool, running_turns
+from droidpool.daemon.service import open_configured_pool, running_turns
 from droidpool.droid.protocol import Usage
 from droidpool.droid.worker import LaunchSpec, Worker
 from droidpool.pool.pool import Pool
@@ -70,10 +69,7 @@ async def served(
     store = SqliteStore(config.store_path, config.store.session_ttl_s)
     await store.open()
     try:
-        pool = build_pool(config)
-        if worker_factory is not None:
-            pool = Pool(pool.spec, base_settings=pool.base_settings, policy=pool.policy, worker_factory=worker_factory)
-        async with pool:
+        async with open_configured_pool(config, worker_factory=worker_factory or Worker) as pool:
             assert await pool.wait_warm(15)
             async with running_turns(config, pool, store) as turns:
                 app = build_app(turns, pool, store,

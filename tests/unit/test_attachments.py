@@ -324,11 +324,15 @@ async def test_a_structured_turn_sends_keepalives_while_its_text_is_held() -> No
                 raise StopAsyncIteration
             return self.events.pop(0)
 
-    async def complete(turn: Turn) -> TurnResult:
-        return TurnResult(turn.turn_id, "s", "m", turn.accumulator.text, "", Usage(), 0)
+    class Books:
+        async def complete(self, turn: Turn) -> TurnResult:
+            return TurnResult(turn.turn_id, "s", "m", turn.accumulator.text, "", Usage(), 0)
 
-    turn = Turn("t", "s", types.SimpleNamespace(alive=True), False, TurnRequest("m", ()), PUBLIC, "h", (),
-                Slow(), Deadlines(5, 5, 1), complete, complete, Accumulator(structured=True))  # type: ignore[arg-type]
+        park = complete
+
+    turn = Turn(turn_id="t", session_id="s", model_id="m", request=TurnRequest("m", ()), access=PUBLIC,
+                worker=types.SimpleNamespace(alive=True), stream=Slow(), recorder=Books(),  # type: ignore[arg-type]
+                deadlines=Deadlines(5, 5, 1), base="h", sent=(), accumulator=Accumulator(structured=True))
     outputs = [o async for o in turn.outputs(0.1)]
     assert [o for o in outputs if o is not None] == [TextOut('{"ok": true}')]  # the rejected attempt never leaves
     assert outputs.count(None) >= 3  # ~0.6 s of held text: a keep-alive every 0.1 s

@@ -12,6 +12,7 @@ from typing import Any
 
 from droidpool.core.tools import LLM_PREFIX
 from droidpool.droid import images, sessions
+from droidpool.droid.minted import mint
 from droidpool.droid.sessions import drop_unanswered, unanswered_cut
 from droidpool.droid.worker import SessionSettings
 
@@ -172,7 +173,7 @@ def test_only_image_folders_no_live_worker_owns_are_pruned(tmp_path: Path) -> No
 def test_a_sessions_pdfs_go_with_it(tmp_path: Path) -> None:
     droid_dir, work = tmp_path / "sessions", tmp_path / "work"
     sid = "0000000a-0000-4000-8000-000000000000"
-    minted = sessions.mint(droid_dir, work / "sessions", SessionSettings(), "t", session_id=sid)
+    minted = mint(droid_dir, work / "sessions", SessionSettings(), "t", session_id=sid)
     attachments = droid_dir / sid / "attachments"
     attachments.mkdir(parents=True)
     (attachments / "1-doc.pdf").write_bytes(b"%PDF-1.4 " + bytes(1000))

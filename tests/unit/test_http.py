@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from droidpool.api.app import build_app
 from droidpool.config import load
-from droidpool.daemon.service import build_pool, build_turns
+from droidpool.daemon.service import build_turns, open_configured_pool
 from droidpool.droid.worker import WorkerState
 from droidpool.store import SqliteStore
 from tests.conftest import FAKE_DROID
@@ -279,7 +279,7 @@ async def test_spawn_failures_make_the_daemon_unready(tmp_path: Path) -> None:
             "droid.binary": str(FAKE_DROID), "droid.home": str(home), "server.state_dir": str(tmp_path / "s")})
         store = SqliteStore(config.store_path, 60)
         await store.open()
-        async with build_pool(config) as pool:
+        async with open_configured_pool(config) as pool:
             assert not await pool.wait_warm(20)
             app = build_app(build_turns(config, pool, store), pool, store, max_body_bytes=10000, keepalive_s=5)
             async with TestClient(DaemonTestServer(app)) as client:

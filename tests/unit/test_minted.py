@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from droidpool.droid import minted as minting
 from droidpool.droid import sessions
 from droidpool.droid.worker import SessionSettings, WorkerState
 from tests.unit.harness import served
@@ -115,7 +116,7 @@ async def test_a_session_written_outside_its_cwds_folder_kills_droid_and_is_a_cr
     async with served(tmp_path) as (client, pool):
         worker = next(w for w in pool.workers if w.state in (WorkerState.READY, WorkerState.IDLE))
         home = Path(worker.spec.env["HOME"])
-        minted = sessions.mint(home / ".factory" / "sessions", tmp_path / "elsewhere", SessionSettings(), "t")
+        minted = minting.mint(home / ".factory" / "sessions", tmp_path / "elsewhere", SessionSettings(), "t")
         stray = minted.jsonl_path.parent.with_name("-somewhere-else")
         stray.mkdir()
         for path in (minted.jsonl_path, minted.settings_path):
@@ -131,7 +132,7 @@ async def test_a_session_written_outside_its_cwds_folder_kills_droid_and_is_a_cr
 def test_mint_writes_settings_first_and_each_file_whole(tmp_path: Path) -> None:
     settings = SessionSettings(model_id="custom:m", system_prompt="S", reasoning_effort="high", autonomy="medium",
                                disabled_tool_ids=("execute-cli",))
-    minted = sessions.mint(tmp_path / "sessions", tmp_path / "work", settings, "droidpool", session_id="abc-1")
+    minted = minting.mint(tmp_path / "sessions", tmp_path / "work", settings, "droidpool", session_id="abc-1")
     assert minted.cwd == tmp_path / "work" / "abc-1" and minted.cwd.is_dir()
     assert minted.jsonl_path.parent.name == str(minted.cwd).replace("/", "-")
     assert json.loads(minted.settings_path.read_text()) == {
@@ -146,15 +147,15 @@ def test_mint_writes_settings_first_and_each_file_whole(tmp_path: Path) -> None:
 
 
 def test_check_loaded_names_each_problem() -> None:
-    minted = sessions.Minted("s", Path("/w/s"), Path("/x"), Path("/y"))
+    minted = minting.Minted("s", Path("/w/s"), Path("/x"), Path("/y"))
     settings = SessionSettings(system_prompt="S")
     good = {"session": {"messages": [{"role": "user", "content": [], "visibility": "llm_only"}]},
             "settings": {"systemPrompt": "S"}, "cwd": "/w/s"}
-    assert sessions.check_loaded(good, minted, settings) == []
+    assert minting.check_loaded(good, minted, settings) == []
     leaked = {**good, "session": {"messages": [{"role": "user", "content": [{"type": "text"}]}, {}]}}
-    assert "holds 2 messages" in sessions.check_loaded(leaked, minted, settings)[0]
-    assert sessions.check_loaded({**good, "cwd": "/elsewhere"}, minted, settings)[0].startswith("the loaded session's cwd")
-    assert "system prompt" in sessions.check_loaded({**good, "settings": {}}, minted, settings)[0]
+    assert "holds 2 messages" in minting.check_loaded(leaked, minted, settings)[0]
+    assert minting.check_loaded({**good, "cwd": "/elsewhere"}, minted, settings)[0].startswith("the loaded session's cwd")
+    assert "system prompt" in minting.check_loaded({**good, "settings": {}}, minted, settings)[0]
 
 
 def test_pruning_keeps_what_live_workers_hold_and_what_is_young(tmp_path: Path) -> None:
@@ -162,7 +163,7 @@ def test_pruning_keeps_what_live_workers_hold_and_what_is_young(tmp_path: Path) 
     old = time.time() - 10_000
     ids = {name: f"{n:08x}-0000-4000-8000-000000000000" for n, name in
            enumerate(("held", "expired", "unknown-old", "unknown-young", "known"))}
-    made = {name: sessions.mint(droid_dir, work / "sessions", SessionSettings(), "t", session_id=sid)
+    made = {name: minting.mint(droid_dir, work / "sessions", SessionSettings(), "t", session_id=sid)
             for name, sid in ids.items()}
     for name in ("held", "expired", "unknown-old", "known"):
         for path in (made[name].jsonl_path, made[name].settings_path, made[name].cwd):
@@ -199,10 +200,10 @@ def test_the_recorded_real_droid_answer_to_a_minted_load_passes_the_check() -> N
     lines = [json.loads(line) for line in fixture.read_text().splitlines()]
     result = next(line["result"] for line in lines if line.get("type") == "response")
     session_id = "4f7c2d3e-9a1b-4c5d-8e6f-0a1b2c3d4e5f"
-    minted = sessions.Minted(session_id, Path("/tmp/proto/work/sessions") / session_id, Path("/x"), Path("/y"))
+    minted = minting.Minted(session_id, Path("/tmp/proto/work/sessions") / session_id, Path("/x"), Path("/y"))
     settings = SessionSettings(system_prompt="You are terse.")
-    assert sessions.check_loaded(result, minted, settings) == []
-    assert sessions.check_loaded(result, minted, SessionSettings(system_prompt="other"))
+    assert minting.check_loaded(result, minted, settings) == []
+    assert minting.check_loaded(result, minted, SessionSettings(system_prompt="other"))
     # And the turn that follows is a normal one, ending completed.
     kinds = [line["params"]["notification"]["type"] for line in lines if line.get("type") == "notification"]
     assert "assistant_text_delta" in kinds and kinds[-1] == "agent_turn_completed"

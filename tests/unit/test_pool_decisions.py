@@ -8,15 +8,23 @@ from hypothesis import strategies as st
 from droidpool.droid.worker import SessionSettings, WorkerState
 from droidpool.pool.policy import (
     MB,
-    RECENTLY_USED_S,
-    SPARE_MIN_LIFE_S,
     PoolPolicy,
     SessionMode,
     Want,
     WorkerView,
     assign,
     auto_max_workers,
+)
+from droidpool.pool.reconcile import (
+    DEFAULT_WORKER_RSS,
+    RECENTLY_USED_S,
+    SPARE_MIN_LIFE_S,
+    expire_idle,
+    fit_memory,
+    grow,
     reconcile,
+    recycle,
+    reserve,
     reserve_target,
 )
 
@@ -242,3 +250,101 @@ def test_reconcile_respects_every_bound(workers: list[WorkerView], p: PoolPolicy
     if p.idle_ttl_s and not p.memory_budget and not p.max_turns and not p.max_worker_rss and not p.spare_max_age_s:
         # The idle_min most recent members of the reserve are never stopped for idle time.
         assert reserve >= min(p.idle_min, sum(1 for w in workers if w.state in counted_states))
+
+
+# --- properties of each reconcile step (each sees the live workers the steps before it kept) -----
+
+live_views = worker_views.map(lambda ws: [w for w in ws if w.state not in (D, SP)])
+
+
+@given(live_views, policies)
+def test_recycle_stops_exactly_the_worn_idle_workers_and_the_old_spares(workers: list[WorkerView],
+                                                                         p: PoolPolicy) -> None:
+    stops = {s.worker_id: s.reason for s in recycle(workers, p, NOW)}
+    for w in workers:
+        worn_turns = w.state is I and p.max_turns and w.turns >= p.max_turns
+        worn_rss = w.state is I and p.max_worker_rss and w.rss >= p.max_worker_rss
+        old = w.state is R and p.spare_max_age_s and NOW - w.created_at >= p.spare_max_age_s
+        expected = "recycle_turns" if worn_turns else "recycle_rss" if worn_rss else "spare_age" if old else None
+        assert stops.get(w.id) == expected  # and so a busy or starting worker never
+
+
+@given(live_views, policies, modes)
+def test_expire_idle_stops_stale_available_workers_lru_first_keeping_idle_min(
+    workers: list[WorkerView], p: PoolPolicy, mode: SessionMode
+) -> None:
+    stops = expire_idle(workers, p, NOW, mode)
+    by_id = {w.id: w for w in workers}
+    stopped = {s.worker_id for s in stops}
+    assert len(stopped) == len(stops) and all(s.reason == "idle_ttl" for s in stops)
+    if not p.idle_ttl_s:
+        assert stops == ()
+    for s in stops:
+        w = by_id[s.worker_id]
+        assert w.available and NOW - w.last_used >= p.idle_ttl_s
+        assert not (w.state is R and NOW - w.created_at < SPARE_MIN_LIFE_S)  # a young spare stays
+    members = reserve(workers, mode)
+    assert sum(1 for w in members if w.id not in stopped) >= min(p.idle_min, len(members))
+    # Of the stale reserve, the least recently used go; the most recently used stay.
+    stale = [w for w in members if p.idle_ttl_s and NOW - w.last_used >= p.idle_ttl_s
+             and not (w.state is R and NOW - w.created_at < SPARE_MIN_LIFE_S)]
+    gone, stayed = [w for w in stale if w.id in stopped], [w for w in stale if w.id not in stopped]
+    assert all(g.last_used <= s.last_used for g in gone for s in stayed)
+
+
+@given(live_views, policies)
+def test_fit_memory_stops_lru_idle_then_old_spares_only_until_the_workers_fit(
+    workers: list[WorkerView], p: PoolPolicy
+) -> None:
+    stops = fit_memory(workers, p)
+    by_id = {w.id: w for w in workers}
+    stopped = {s.worker_id for s in stops}
+    total = sum(w.rss for w in workers)
+    assert len(stopped) == len(stops) and all(s.reason == "memory" for s in stops)
+    if not p.memory_budget or total <= p.memory_budget:
+        assert stops == ()
+        return
+    idle = [w for w in workers if w.state is I]
+    spares = [w for w in workers if w.state is R]
+    remaining = total - sum(by_id[s.worker_id].rss for s in stops)
+    # It fits, unless every candidate went; and it stops no more than it needs to.
+    assert remaining <= p.memory_budget or len(stops) == len(idle) + max(0, len(spares) - p.idle_min)
+    if stops:
+        assert remaining + by_id[stops[-1].worker_id].rss > p.memory_budget
+    assert all(by_id[s.worker_id].state in (R, I) for s in stops)
+    assert sum(1 for w in spares if w.id not in stopped) >= min(p.idle_min, len(spares))
+    if any(by_id[s.worker_id].state is R for s in stops):
+        assert all(w.id in stopped for w in idle)  # idle session workers go before spares
+    gone, stayed = [w for w in idle if w.id in stopped], [w for w in idle if w.id not in stopped]
+    assert all(g.last_used <= s.last_used for g in gone for s in stayed)  # least recently used first
+
+
+@given(live_views, policies, modes, st.integers(0, 8), st.integers(0, 3), st.integers(0, 3), st.booleans())
+def test_grow_starts_what_the_reserve_lacks_within_the_cap_throttle_and_budget(
+    workers: list[WorkerView], p: PoolPolicy, mode: SessionMode, peak: int, in_flight: int, extra: int,
+    defer: bool,
+) -> None:
+    occupied = len(workers) + extra  # e.g. stopping workers and reserved slots
+    plan = grow(workers, p, NOW, mode=mode, peak=peak, in_flight=in_flight, occupied=occupied,
+                defer_growth=defer)
+    available = len(reserve(workers, mode))
+    starting = sum(1 for w in workers if w.state is ST)
+    busy = sum(1 for w in workers if w.state is B)
+    room, spawn_room = p.max_workers - occupied, p.max_concurrent_spawns - in_flight
+    lacking = max(0, reserve_target(p, peak, busy) - available - starting)
+    below_floor = max(0, p.idle_min - available - starting)
+    assert 0 <= plan.start <= max(0, min(room, spawn_room, lacking))
+    if defer:
+        assert plan.start == 0
+    else:
+        assert plan.start >= min(below_floor, max(0, room), max(0, spawn_room))  # the floor always starts
+    if p.memory_budget and plan.start > below_floor:  # growth beyond the floor fits the budget
+        measured = sorted(w.rss for w in workers if w.rss)
+        per_worker = measured[len(measured) // 2] if measured else DEFAULT_WORKER_RSS
+        assert sum(w.rss for w in workers) + plan.start * per_worker <= p.memory_budget
+    by_id = {w.id: w for w in workers}
+    for s in plan.stop:
+        w = by_id[s.worker_id]
+        assert mode == "fresh" and s.reason == "room_for_spare"
+        assert w.state is I and NOW - w.last_used >= RECENTLY_USED_S
+    assert len(plan.stop) <= lacking and (not plan.stop or room < lacking)

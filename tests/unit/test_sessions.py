@@ -422,7 +422,9 @@ async def test_the_session_list_pages(tmp_path: Path) -> None:
 async def test_a_failed_turns_usage_is_counted_without_moving_the_head(tmp_path: Path) -> None:
     from droidpool.core.model import TurnRequest
     from droidpool.core.turn import Deadlines, Turn
-    from droidpool.core.turns import Run, TurnService
+    from droidpool.core.parking import Run
+    from droidpool.core.recorder import Recorder
+    from droidpool.core.service import TurnService
     from droidpool.droid.protocol import TurnCompleted, Usage
     from droidpool.droid.worker import SessionSettings
 
@@ -445,16 +447,16 @@ async def test_a_failed_turns_usage_is_counted_without_moving_the_head(tmp_path:
     await store.complete_turn(turn_row("s", MODEL, Usage(3, 3, 0, 0, 0)), "head-1")
     service = TurnService(types.SimpleNamespace(), store, SessionSettings(), Catalog(list))  # type: ignore[arg-type]
     request = TurnRequest(MODEL, ())
-    async def unused(turn: Turn) -> Any:
-        raise AssertionError("a failed turn is neither completed nor parked")
-
-    turn = Turn("t", "s", types.SimpleNamespace(alive=True), False, request, PUBLIC, "head-1", (), Events(),  # type: ignore[arg-type]
-                Deadlines(5, 5, 1), unused, unused)
+    recorder = Recorder(service.books, request, PUBLIC, "s", MODEL)
+    turn = Turn(turn_id="t", session_id="s", model_id=MODEL, request=request, access=PUBLIC,
+                worker=types.SimpleNamespace(alive=True), stream=Events(), recorder=recorder,  # type: ignore[arg-type]
+                deadlines=Deadlines(5, 5, 1), base="head-1", sent=())
+    recorder.run = Run(turn)
     with pytest.raises(Exception) as info:
         async for _ in turn.outputs(1.0):
             pass
     assert getattr(info.value, "status", None) == 429 and turn.result is None
-    await service._settle_run([Run(turn)], request, PUBLIC, "s", MODEL)
+    await recorder.settle()
     record = await store.get("s")
     assert record is not None and record.head_digest == "head-1" and record.failed_turns == 1
     assert record.usage == Usage(10, 4, 0, 0, 2) and record.diverged

@@ -285,3 +285,18 @@ def test_droids_binary_says_which_mcp_servers_skip_toolsearch(tmp_path: Path) ->
     (tmp_path / "script").write_text("#!/bin/sh\nexec node droid.js \"$@\"\n")
     assert deferral_exemptions(str(tmp_path / "script")) is None
     assert deferral_exemptions(str(tmp_path / "missing")) is None
+
+
+def test_the_broker_forgets_what_no_live_session_needs() -> None:
+    from droidpool.core.model import ToolSpec
+    from droidpool.core.tools import ToolBroker
+
+    broker = ToolBroker()
+    spec = (ToolSpec("get_weather"),)
+    for key in ("live", "expired", "parked", "\0none", "\0new-1"):
+        broker.offer(key, spec)
+    token = broker.get("expired")
+    assert token is not None
+    assert broker.retain({"live"}, keep={"parked"}) == 1
+    assert broker.get("expired") is None and broker.by_token(token.token) is None  # its MCP token is gone too
+    assert all(broker.get(k) is not None for k in ("live", "parked", "\0none", "\0new-1"))
