@@ -14,8 +14,6 @@ from aiohttp import web
 from droidpool import errors
 from droidpool.core.access import ANONYMOUS, Authenticator
 from droidpool.core.service import TurnService
-from droidpool.pool.pool import Pool
-from droidpool.store.base import SessionStore
 
 from . import anthropic, browser, ops, responses, sessions, usage
 from .browser import BrowserPolicy
@@ -27,10 +25,8 @@ from .context import (
     HTTP_CLIENT,
     KEEPALIVE_S,
     METRICS,
-    POOL,
     PRINCIPAL,
     REQUEST_ID,
-    STORE,
     TURNS,
     json_response,
     read_json,
@@ -182,18 +178,18 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_response(request: web.Request) -> web.Response:
     response_id = request.match_info["response_id"]
-    turn = await request.app[STORE].get_turn(responses.turn_id_of(response_id, "response_id"),
-                                             request[PRINCIPAL].name)
-    if turn is None or turn.output is None:
+    output = await request.app[TURNS].sessions.kept_output(responses.turn_id_of(response_id, "response_id"),
+                                                           request[PRINCIPAL].name)
+    if output is None:
         raise errors.ResponseNotFound(f"No response {response_id!r} (unknown, not stored, deleted or expired).",
                                       param="response_id")
-    return json_response(responses.stored(turn.output))
+    return json_response(responses.stored(output))
 
 
 async def delete_response(request: web.Request) -> web.Response:
     response_id = request.match_info["response_id"]
     turn_id = responses.turn_id_of(response_id, "response_id")
-    if not await request.app[STORE].forget_output(turn_id, request[PRINCIPAL].name):
+    if not await request.app[TURNS].sessions.forget_output(turn_id, request[PRINCIPAL].name):
         raise errors.ResponseNotFound(f"No response {response_id!r}.", param="response_id")
     return json_response({"id": response_id, "object": "response", "deleted": True})
 
@@ -209,8 +205,6 @@ async def _http_client(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(
     turns: TurnService,
-    pool: Pool,
-    store: SessionStore,
     *,
     max_body_bytes: int,
     keepalive_s: float,
@@ -225,8 +219,6 @@ def build_app(
     app[BROWSER] = browser_policy or BrowserPolicy.of("127.0.0.1", (), ())
     app.on_response_prepare.append(add_cors_headers)
     app[TURNS] = turns
-    app[POOL] = pool
-    app[STORE] = store
     app[KEEPALIVE_S] = keepalive_s
     app[BODY_TIMEOUT_S] = body_timeout_s
     app[AUTH] = auth or Authenticator([])

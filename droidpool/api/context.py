@@ -13,15 +13,11 @@ from aiohttp import web
 from droidpool import errors
 from droidpool.core.access import Authenticator, Principal
 from droidpool.core.service import TurnService
-from droidpool.pool.pool import Pool
-from droidpool.store.base import SessionStore
 
 from .browser import BrowserPolicy
 from .metrics import Metrics
 
 TURNS: web.AppKey[TurnService] = web.AppKey("turns", TurnService)
-POOL: web.AppKey[Pool] = web.AppKey("pool", Pool)
-STORE: web.AppKey[SessionStore] = web.AppKey("store")
 KEEPALIVE_S: web.AppKey[float] = web.AppKey("keepalive_s", float)
 BODY_TIMEOUT_S: web.AppKey[float] = web.AppKey("body_timeout_s", float)
 AUTH: web.AppKey[Authenticator] = web.AppKey("auth", Authenticator)

@@ -92,7 +92,8 @@ async def _serve(request: web.Request, dialect: Dialect, parsed: Parsed, access:
     except (ConnectionResetError, asyncio.CancelledError):
         # The client hung up (aiohttp cancels the handler; or a write found the socket closed), or
         # shutdown's grace ran out: a normal event, logged on the turn's info line.
-        status, http_status = ("client_disconnected", 499) if _client_gone(request) else ("cancelled", 503)
+        gone = request.transport is None or request.transport.is_closing()
+        status, http_status = ("client_disconnected", 499) if gone else ("cancelled", 503)
         raise
     except Forward:
         status, http_status = "forwarded", 0
@@ -165,7 +166,3 @@ async def _stream(
         turn.client_gone = True
     return response, failure
 
-
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()

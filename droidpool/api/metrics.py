@@ -8,9 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from droidpool.core.model import Usage
 from droidpool.core.service import TurnService
-from droidpool.droid.protocol import Usage
-from droidpool.pool.pool import Pool
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -19,8 +18,8 @@ LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 
 class PoolCollector(Collector):
     """Reads the pool's gauges and counters when Prometheus scrapes: no second bookkeeping."""
 
-    def __init__(self, pool: Pool) -> None:
-        self.pool = pool
+    def __init__(self, turns: TurnService) -> None:
+        self.pool = turns.pool
 
     def collect(self) -> Iterator[Metric]:
         stats = self.pool.stats()
@@ -127,7 +126,7 @@ class NodesCollector(Collector):
 class Metrics:
     """One registry per daemon (no global state), scraped at GET /metrics."""
 
-    def __init__(self, pool: Pool, turns: TurnService | None = None) -> None:
+    def __init__(self, turns: TurnService) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("droidpool_requests", "turn requests by outcome",
                                 ["status", "stream"], registry=self.registry)
@@ -138,11 +137,8 @@ class Metrics:
         self.duration = Histogram("droidpool_request_duration_seconds", "whole turn requests",
                                   buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tokens = Counter("droidpool_tokens", "tokens droid reported", ["kind"], registry=self.registry)
-        self.registry.register(PoolCollector(pool))
-        if turns is not None:
-            self.registry.register(TurnsCollector(turns))
-            self.registry.register(LedgerCollector(turns))
-            self.registry.register(NodesCollector(turns))
+        for collector in (PoolCollector, TurnsCollector, LedgerCollector, NodesCollector):
+            self.registry.register(collector(turns))
 
     def observe(self, *, status: int, stream: bool, duration_s: float, ttft_s: float | None,
                 usage: Usage | None, dialect: str) -> None:

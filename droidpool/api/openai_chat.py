@@ -23,9 +23,9 @@ from droidpool.core.model import (
     ToolSpec,
     TurnRequest,
     TurnResult,
+    Usage,
 )
 from droidpool.core.turn import Turn
-from droidpool.droid.protocol import Usage
 
 from . import openai_wire
 from .dialect import (

@@ -7,32 +7,21 @@ from aiohttp import web
 from droidpool import errors
 from droidpool.core import conversation
 from droidpool.core.access import access_for
-from droidpool.store.base import MAX_LIST_LIMIT, UnknownCursor
+from droidpool.core.sessions import MAX_LIST_LIMIT
 
-from .context import DEFAULT_AUTONOMY, PRINCIPAL, STORE, TURNS, json_response, read_json
+from .context import DEFAULT_AUTONOMY, PRINCIPAL, TURNS, json_response, read_json
 
 DEFAULT_LIST_LIMIT = 100
 
 
 async def list_sessions(request: web.Request) -> web.Response:
-    store = request.app[STORE]
-    owner = request[PRINCIPAL].name
-    key = request.query.get("conversation_id")
-    if key is not None:
-        record = await store.by_key(key, owner)
-        records, has_more = ([record] if record else []), False
-    else:
-        try:
-            page = await store.page(_limit(request.query.get("limit")), request.query.get("after") or None,
-                                    owner=owner)
-        except UnknownCursor:
-            raise errors.InvalidRequest(
-                f"'after' names no session: {request.query['after']!r}.", param="after"
-            ) from None
-        records, has_more = page.records, page.has_more
+    sessions = request.app[TURNS].sessions
+    records, has_more = await sessions.listing(request[PRINCIPAL].name, _limit(request.query.get("limit")),
+                                               request.query.get("after") or None,
+                                               request.query.get("conversation_id"))
     return json_response({
         "object": "list",
-        "data": [r.public(store.ttl_s) for r in records],
+        "data": [r.public(sessions.ttl_s) for r in records],
         "first_id": records[0].session_id if records else None,
         "last_id": records[-1].session_id if records else None,
         "has_more": has_more,
@@ -52,11 +41,11 @@ def _limit(raw: str | None) -> int:
 
 
 async def get_session(request: web.Request) -> web.Response:
-    store = request.app[STORE]
-    record = await store.get(request.match_info["session_id"])
-    if record is None or record.owner != request[PRINCIPAL].name:
+    sessions = request.app[TURNS].sessions
+    record = await sessions.owned(request.match_info["session_id"], request[PRINCIPAL].name)
+    if record is None:
         raise errors.SessionNotFound(f"No session {request.match_info['session_id']!r}.")
-    return json_response(record.public(store.ttl_s))
+    return json_response(record.public(sessions.ttl_s))
 
 
 async def delete_session(request: web.Request) -> web.Response:
@@ -78,7 +67,7 @@ async def fork_session(request: web.Request) -> web.Response:
     access = access_for(request[PRINCIPAL], request.headers.get("X-Droid-Autonomy") or None,
                         request.app[DEFAULT_AUTONOMY])
     record = await request.app[TURNS].fork(request.match_info["session_id"], key, access)
-    return json_response(record.public(request.app[STORE].ttl_s))
+    return json_response(record.public(request.app[TURNS].sessions.ttl_s))
 
 
 def add_routes(router: web.UrlDispatcher) -> None:

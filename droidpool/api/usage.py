@@ -11,8 +11,7 @@ from aiohttp import web
 from droidpool import errors
 from droidpool.core.access import ANONYMOUS, Principal
 from droidpool.core.catalog import Listed
-from droidpool.core.ledger import Ledger, parse_time
-from droidpool.store.base import DIMENSIONS, Dimension
+from droidpool.core.ledger import DIMENSIONS, Dimension, Ledger, parse_time
 
 from .context import PRINCIPAL, TURNS, json_response, read_json
 

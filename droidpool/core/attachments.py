@@ -140,6 +140,33 @@ def without_tool_images(messages: Iterable[Message]) -> tuple[Message, ...]:
     return tuple(Message(m.role, tuple(part(p) for p in m.parts)) for m in messages)
 
 
+class Intake:
+    """What a turn may give droid, and in what form: the limits, and which models see images."""
+
+    def __init__(self, limits: Limits, sees_images: Callable[[str], bool], alias: Callable[[str], str]) -> None:
+        self.limits = limits
+        self._sees_images = sees_images
+        self._alias = alias
+
+    def checked(self, messages: tuple[Message, ...], model: str, model_id: str) -> list[Attachment]:
+        """What ``messages`` attach, checked for droid (a 400 naming the part otherwise). For a model
+        that cannot see images, a tool's image is left out (droid is told so in its place) rather
+        than refused: an agent cannot choose what its tools return."""
+        sees = self._sees_images(model_id)
+        items = [a for m in messages for a in m.attachments]
+        if not sees:
+            items = [a for a in items if not tool_image(a, messages)]
+        shown = model if self._alias(model) == model_id else f"{model} ({model_id})"
+        return check(items, self.limits, model=shown, sees_images=sees)
+
+    def for_droid(self, messages: tuple[Message, ...], checked: Iterable[Attachment], model_id: str) -> tuple[Message, ...]:
+        """``messages`` as droid is given them: each attachment as checked (the type its bytes say),
+        and a tool's images replaced by a note for a model that cannot see them."""
+        by_hash = {a.sha256: a for a in checked}
+        out = replaced(messages, lambda a: by_hash.get(a.sha256, a))
+        return out if self._sees_images(model_id) else without_tool_images(out)
+
+
 # --- what the bytes are -------------------------------------------------------------------------------
 
 

@@ -18,7 +18,11 @@ import structlog
 from droidpool import errors
 from droidpool.config import Budget
 from droidpool.droid.protocol import Usage
-from droidpool.store.base import Dimension, LedgerGroup, LedgerQuery, LedgerStore, TurnRow
+from droidpool.store.base import (
+    DIMENSIONS as DIMENSIONS,  # re-exported: the api takes them from here
+)
+from droidpool.store.base import Dimension as Dimension
+from droidpool.store.base import LedgerGroup, LedgerQuery, LedgerStore, TurnRow
 
 from .budgets import BudgetState, Tally, applies, due_warning
 from .catalog import Catalog

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from droidpool.droid.protocol import Usage
+from droidpool.droid.protocol import Usage as Usage  # re-exported: the api takes it from the core
 
 Role = Literal["user", "assistant", "tool", "system"]  # system: a note mid-conversation
 Dialect = Literal["openai", "anthropic", "responses"]

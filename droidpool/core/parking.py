@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -50,10 +50,6 @@ class Run:
     release: anyio.Event = field(default_factory=anyio.Event)  # no request will read it again
     finished: anyio.Event = field(default_factory=anyio.Event)  # everything it held is released
     expiry: anyio.CancelScope | None = None
-
-
-# What a resume's attachments are checked with: (messages, request, droid model id) → checked ones.
-Check = Callable[[tuple[Message, ...], TurnRequest, str], list[Attachment]]
 
 
 def results_for(permission: PermissionAsked, new: Sequence[Message]) -> dict[str, ToolResult]:
@@ -156,7 +152,7 @@ class Parking:
             await self.release(run)
 
     async def resume(self, session_id: str | None, request: TurnRequest, access: Access, model_id: str,
-                     check: Check, sees_images: bool) -> Run | None:
+                     intake: attachments.Intake) -> Run | None:
         """The turn parked on ``session_id`` that ``request`` brings the results for, carried on;
         None if there is none (a request without results cancels that turn). Results that answer
         only some of the calls are a 400 and the turn stays parked; results whose content can never
@@ -175,17 +171,16 @@ class Parking:
             raise errors.InvalidRequest(
                 f"The tool results answer {sorted(got)}, but the pending calls are {sorted(wanted)}: "
                 "send one result for each of them.", param="messages")
+        model_id = parked.model_id or model_id
         try:
-            checked = {a.sha256: a for a in check(new, request, parked.model_id or model_id)}
+            checked = intake.checked(new, request.model, model_id)
+            new = intake.for_droid(new, checked, model_id)
         except errors.InvalidRequest as exc:
             run.refused = True  # no retry of these results can succeed: the worker goes back now
             self.counters["resume_refused"] += 1
             log.info("turn.resume_refused", session=parked.session_id, why=exc.message)
             await self.release(run)
             raise
-        new = attachments.replaced(new, lambda a: checked.get(a.sha256, a))  # the types their bytes say
-        if not sees_images:
-            new = attachments.without_tool_images(new)
         permission = parked.accumulator.permission
         assert permission is not None
         by_id = results_for(permission, new)
@@ -197,7 +192,7 @@ class Parking:
         try:
             await self.store.begin_turn(parked.session_id)
             run.turn = parked.resumed(uuid.uuid4().hex, request, access, tuple(new),
-                                      (len(checked), sum(len(a.data) for a in checked.values())))
+                                      (len(checked), sum(len(a.data) for a in checked)))
             self.counters["resumed"] += 1
             log.info("turn.resumed", session=parked.session_id, results=len(got))
             await parked.worker.answer_permission(permission.request_id, "proceed_once")

@@ -22,7 +22,7 @@ import structlog
 
 from droidpool import errors
 from droidpool.droid.protocol import PermissionAsked
-from droidpool.droid.worker import SessionSettings
+from droidpool.droid.spec import SessionSettings
 from droidpool.pool.pool import Pool, Want
 from droidpool.store.base import SessionRecord, SessionStore
 
@@ -30,7 +30,7 @@ from . import attachments, conversation, nodes
 from .access import PUBLIC, Access
 from .catalog import Catalog
 from .ledger import Ledger
-from .model import Attachment, Message, ToolResult, TurnRequest
+from .model import Message, ToolResult, TurnRequest
 from .nodes import Cluster
 from .output import Accumulator
 from .parking import Parking, Run, ToolLimits
@@ -75,7 +75,7 @@ class TurnService:
         self.catalog = catalog
         self.deadlines = deadlines or Deadlines()
         self.broker = broker if broker is not None else ToolBroker()
-        self.attachment_limits = attachment_limits or attachments.Limits()
+        self.intake = attachments.Intake(attachment_limits or attachments.Limits(), catalog.sees_images, catalog.alias)
         self.ledger = ledger if ledger is not None else Ledger(store, catalog)
         self.cluster = cluster  # None: a single node
         self.counters: Counter[str] = Counter()
@@ -94,6 +94,14 @@ class TurnService:
     @tool_limits.setter
     def tool_limits(self, limits: ToolLimits) -> None:
         self.parking.limits = limits
+
+    @property
+    def attachment_limits(self) -> attachments.Limits:
+        return self.intake.limits
+
+    @attachment_limits.setter
+    def attachment_limits(self, limits: attachments.Limits) -> None:
+        self.intake.limits = limits
 
     @property
     def parked(self) -> dict[str, Run]:
@@ -150,11 +158,11 @@ class TurnService:
         if self.parking.parked:
             seed = conversation.seed(request.system, namespace=access.owner)
             run = await self.parking.resume(await self.sessions.candidate(request, seed, access), request, access,
-                                            model_id, self._attachments, self.catalog.sees_images(model_id))
+                                            model_id, self.intake)
         if run is None:
             # What the new messages attach is checked before any lock or lease (and again in _open,
             # with the history's when a new session is given it).
-            self._attachments(conversation.split(request.messages).new, request, model_id)
+            self.intake.checked(conversation.split(request.messages).new, request.model, model_id)
             run = await self._start(request, model_id, access, local)
         delivered = False
         try:
@@ -225,7 +233,7 @@ class TurnService:
             session_id = record.session_id
             base = record.head_digest or seed
             sent: tuple[Message, ...] = split.new
-            attached = self._attachments(sent, request, model_id)
+            attached = self.intake.checked(sent, request.model, model_id)
             prompt = conversation.turn_text(split.new)
             if any(isinstance(p, ToolResult) for m in split.new for p in m.parts):
                 self.counters["tool_results_fallback"] += 1
@@ -235,7 +243,7 @@ class TurnService:
         else:
             record = None
             sent = (*split.history, *split.new)
-            attached = self._attachments(sent, request, model_id)
+            attached = self.intake.checked(sent, request.model, model_id)
             placeholder = f"\0new-{uuid.uuid4().hex}"
             want = self._want(model_id, request, request.system, access, placeholder)
             stack.callback(self.broker.forget, placeholder)  # renamed below if the session begins
@@ -266,17 +274,6 @@ class TurnService:
                     accumulator=accumulator)
         recorder.run = Run(turn)
         return recorder.run
-
-    def _attachments(self, messages: tuple[Message, ...], request: TurnRequest, model_id: str) -> list[Attachment]:
-        """What ``messages`` attach, checked for droid (a 400 naming the part otherwise). For a model
-        that cannot see images, a tool's image is left out (droid is told so in its place) rather
-        than refused: an agent cannot choose what its tools return."""
-        sees = self.catalog.sees_images(model_id)
-        items = conversation.attachments(messages)
-        if not sees:
-            items = [a for a in items if not attachments.tool_image(a, messages)]
-        shown = request.model if self.catalog.alias(request.model) == model_id else f"{request.model} ({model_id})"
-        return attachments.check(items, self.attachment_limits, model=shown, sees_images=sees)
 
     def _want(self, model_id: str, request: TurnRequest, system: str | None, access: Access, key: str) -> Want:
         """What the pool must give this turn, MCP servers included: a session with client tools

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import structlog
 
 from droidpool import errors
+from droidpool.droid.rpc import DroidRequestError
 from droidpool.droid.sessions import carry_attachments, drop_unanswered
-from droidpool.droid.worker import DroidRequestError, SessionSettings, Worker
+from droidpool.droid.spec import SessionSettings
+from droidpool.droid.worker import Worker
 from droidpool.pool.pool import Pool, Want
-from droidpool.store.base import SessionRecord, SessionStore
+from droidpool.store.base import (
+    MAX_LIST_LIMIT as MAX_LIST_LIMIT,  # re-exported: the api takes it from here
+)
+from droidpool.store.base import SessionRecord, SessionStore, UnknownCursor
 
 from . import conversation
 from .access import PUBLIC, Access
@@ -241,6 +247,40 @@ class Sessions:
             assert record is not None
             log.info("session.forked", session=session_id, fork=fork_id)
             return record
+
+    # --- what the session routes read -----------------------------------------------------------
+
+    @property
+    def ttl_s(self) -> float:
+        return self.store.ttl_s
+
+    async def owned(self, session_id: str, owner: str) -> SessionRecord | None:
+        """``owner``'s session ``session_id`` (another owner's does not exist to them)."""
+        record = await self.store.get(session_id)
+        return record if record is not None and record.owner == owner else None
+
+    async def listing(self, owner: str, limit: int, after: str | None = None,
+                      key: str | None = None) -> tuple[list[SessionRecord], bool]:
+        """``owner``'s sessions, newest first, ``limit`` after the one named ``after`` (or the one
+        named by conversation id ``key``); and whether more follow."""
+        if key is not None:
+            record = await self.store.by_key(key, owner)
+            return ([record] if record else []), False
+        try:
+            page = await self.store.page(limit, after, owner=owner)
+        except UnknownCursor:
+            raise errors.InvalidRequest(f"'after' names no session: {after!r}.", param="after") from None
+        return page.records, page.has_more
+
+    async def kept_output(self, turn_id: str, owner: str) -> Mapping[str, Any] | None:
+        """What a turn kept of its answer (``keep_output``), if it is still stored."""
+        turn = await self.store.get_turn(turn_id, owner)
+        return turn.output if turn is not None else None
+
+    async def forget_output(self, turn_id: str, owner: str) -> bool:
+        return await self.store.forget_output(turn_id, owner)
+
+    # --- crash consistency -------------------------------------------------------------------
 
     async def recover_interrupted(self, node_id: str | None = None) -> int:
         """Before serving: each session whose turn droidpool died in loses droid's record of that

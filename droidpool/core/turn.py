@@ -12,7 +12,8 @@ import anyio
 
 from droidpool import errors
 from droidpool.droid.protocol import TextDelta, ThinkingDelta, TurnEvent, Usage
-from droidpool.droid.worker import TurnStream, Worker
+from droidpool.droid.turnstream import TurnStream
+from droidpool.droid.worker import Worker
 from droidpool.store.base import TurnRow
 
 from .access import Access

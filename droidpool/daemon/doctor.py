@@ -22,8 +22,10 @@ from droidpool.droid.launch import (
     worker_env,
 )
 from droidpool.droid.minted import check_loaded, mint
+from droidpool.droid.rpc import DroidRequestError
 from droidpool.droid.sessions import droid_sessions_dir
-from droidpool.droid.worker import DroidRequestError, SessionSettings, Worker
+from droidpool.droid.spec import SessionSettings
+from droidpool.droid.worker import Worker
 
 TESTED_VERSION = "0.225.2"
 

@@ -42,7 +42,8 @@ from droidpool.droid.launch import (
     turn_end_reasons,
 )
 from droidpool.droid.sessions import apply_prune, droid_sessions_dir, plan_prune
-from droidpool.droid.worker import LaunchSpec, Worker
+from droidpool.droid.spec import LaunchSpec
+from droidpool.droid.worker import Worker
 from droidpool.pool import procfs
 from droidpool.pool.fleet import WorkerFactory
 from droidpool.pool.policy import PoolPolicy, auto_max_workers
@@ -103,6 +104,15 @@ def build_turns(config: Config, pool: Pool, store: SessionStore, broker: ToolBro
     )
     return TurnService(pool, store, base_settings(config), catalog, deadlines(config), broker, tool_limits(config),
                        build_ledger(config, store, catalog), cluster, attachment_limits(config))
+
+
+def configured_app(config: Config, turns: TurnService, auth: Authenticator) -> web.Application:
+    """The HTTP app ``config`` describes over ``turns`` (the daemon's, and the tests' harness)."""
+    server = config.server
+    return build_app(turns, max_body_bytes=server.max_body_bytes, keepalive_s=server.keepalive_s,
+                     body_timeout_s=server.body_timeout_s, auth=auth, metrics=Metrics(turns),
+                     default_autonomy=config.droid.autonomy,
+                     browser_policy=BrowserPolicy.of(server.host, server.allowed_hosts, server.cors_origins))
 
 
 def attachment_limits(config: Config) -> Limits:
@@ -269,17 +279,7 @@ class Daemon:
             async with open_configured_pool(config, spec) as pool, running_turns(config, pool, store) as turns:
                 self.pool = pool
                 self.turns = turns
-                app = build_app(
-                    self.turns, pool, store,
-                    max_body_bytes=config.server.max_body_bytes,
-                    keepalive_s=config.server.keepalive_s,
-                    body_timeout_s=config.server.body_timeout_s,
-                    auth=self.auth,
-                    metrics=Metrics(pool, turns),
-                    default_autonomy=config.droid.autonomy,
-                    browser_policy=BrowserPolicy.of(config.server.host, config.server.allowed_hosts,
-                                                    config.server.cors_origins),
-                )
+                app = configured_app(config, turns, self.auth)
                 # On shutdown aiohttp stops listening, lets running handlers finish for
                 # drain_grace_s, then cancels them: a cancelled turn is interrupted, not lost.
                 runner = make_runner(app, handle_signals=False, shutdown_timeout=config.server.drain_grace_s)
@@ -287,7 +287,7 @@ class Daemon:
                 try:
                     await self._listen(runner)
                     tg.start_soon(self._announce_ready, pool, tg)
-                    tg.start_soon(_sweep, store, pool, config)
+                    tg.start_soon(_sweep, turns, config)
                     await self._stop.wait()
                     log.info("droidpool.stopping", pool=repr(pool))
                     if turns.cluster is not None:  # the other nodes stop forwarding here
@@ -363,14 +363,16 @@ async def _prune_images(sessions_dir: Path, pool: Pool) -> None:
         log.info("store.pruned_images", folders=len(stale), bytes=freed)
 
 
-async def _sweep(store: SessionStore, pool: Pool, config: Config, every_s: float = 600.0) -> None:
+async def _sweep(turns: TurnService, config: Config, every_s: float = 600.0) -> None:
     """Every ``every_s``: delete droid's files of sessions that expired or nobody knows (never
-    those a live worker holds), then the expired sessions from the store. The droid sessions
-    folder stays as small as the live sessions: droid scans it when loading a session."""
+    those a live worker holds), then the expired sessions from the store (and their client tools).
+    The droid sessions folder stays as small as the live sessions: droid scans it when loading a
+    session."""
     sessions_dir = droid_sessions_dir(config)
+    pool = turns.pool
     while True:
         if config.store.prune_files:
-            known = await store.all_ids()
+            known = await turns.store.all_ids()
             protected = frozenset(w.session_id for w in pool.workers if w.session_id)
             plan = await anyio.to_thread.run_sync(
                 plan_prune, sessions_dir, config.worker_cwd, known, time.time(), config.store.session_ttl_s, protected)
@@ -380,7 +382,7 @@ async def _sweep(store: SessionStore, pool: Pool, config: Config, every_s: float
                 log.info("store.pruned_files", sessions=len(plan.sessions), workdirs=len(plan.workdirs), bytes=freed,
                          kept=plan.kept)
         await _prune_images(sessions_dir, pool)
-        swept = await store.sweep()
+        swept = await turns.sweep()
         if swept:
             log.info("store.swept", sessions=swept)
         await anyio.sleep(every_s)

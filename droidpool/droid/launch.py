@@ -12,7 +12,7 @@ from pathlib import Path
 
 from droidpool.config import ALL_TOOL_IDS, Config
 
-from .worker import LaunchSpec, SessionSettings
+from .spec import LaunchSpec, SessionSettings
 
 DROID_ARGS = ("exec", "--input-format", "stream-jsonrpc", "--output-format", "stream-jsonrpc")
 

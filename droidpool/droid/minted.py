@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .rpc import DroidRequestError
 from .sessions import _write_atomic, folder_name
-from .worker import DroidRequestError, LaunchSpec, SessionSettings, Worker
+from .spec import LaunchSpec, SessionSettings
+from .worker import Worker
 
 # droid's autonomy levels and the autonomy modes it stores with them.
 AUTONOMY_MODES = {"off": "normal", "low": "auto-low", "medium": "auto-medium", "high": "auto-high"}

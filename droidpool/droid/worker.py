@@ -1,19 +1,16 @@
-"""One long-lived ``droid exec`` stream-jsonrpc process: its requests, turns, and reaping."""
+"""One long-lived ``droid exec`` stream-jsonrpc process as the pool sees it: its state, its
+JSON-RPC requests, and the turns it runs."""
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import enum
 import itertools
-import os
 import signal
-import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,8 @@ import structlog
 from droidpool import errors
 
 from . import images
+from .lines import LineReader, LineTooLong
+from .process import DroidProcess
 from .protocol import (
     Message,
     PermissionAsked,
@@ -31,7 +30,6 @@ from .protocol import (
     Response,
     ServerRequest,
     TurnCompleted,
-    TurnEvent,
     UserMessage,
     encode_request,
     encode_response,
@@ -39,11 +37,16 @@ from .protocol import (
     tool_uses,
     turn_event,
 )
+from .rpc import DroidRequestError, PendingCalls
+from .spec import LaunchSpec, SessionSettings
+from .turnstream import ParkPolicy, TurnChannel, TurnStream
+
+# The worker's vocabulary, importable from here as well as from the modules that own it.
+__all__ = ["REQUEST_TIMEOUT_S", "DroidRequestError", "LaunchSpec", "ParkPolicy", "SessionSettings",
+           "TurnStream", "Worker", "WorkerState"]
 
 log = structlog.get_logger(__name__)
 
-STDERR_KEEP_BYTES = 16 * 1024
-TURN_EVENT_BUFFER = 256
 REQUEST_TIMEOUT_S = 30.0
 
 
@@ -54,97 +57,6 @@ class WorkerState(enum.Enum):
     IDLE = "idle"  # holds a conversation's session
     STOPPING = "stopping"
     DEAD = "dead"
-
-
-@dataclass(frozen=True)
-class LaunchSpec:
-    """How to start a worker; the same for every worker of a pool."""
-
-    argv: Sequence[str]
-    env: Mapping[str, str] = field(repr=False)  # holds secrets (FACTORY_API_KEY): never shown
-    cwd: str = "."
-    machine_id: str = "droidpool"
-    permission_policy: str = "cancel"
-    session_title: str | None = "droidpool"  # set before the first turn: droid then skips its title LLM call
-    sessions_dir: str = ""  # droid's <HOME>/.factory/sessions, where minted sessions go
-    max_line_bytes: int = 8 * 1024 * 1024
-    stop_grace_s: float = 3.0
-
-
-@dataclass(frozen=True)
-class SessionSettings:
-    """What ``droid.initialize_session`` fixes for a session's life (system prompt included)."""
-
-    model_id: str | None = None
-    system_prompt: str | None = None
-    reasoning_effort: str | None = None
-    autonomy: str = "off"
-    disabled_tool_ids: tuple[str, ...] = ()
-
-    def init_params(self, machine_id: str, cwd: str) -> dict[str, Any]:
-        params: dict[str, Any] = {
-            "machineId": machine_id,
-            "cwd": cwd,
-            "autonomyLevel": self.autonomy,
-            "disabledToolIds": list(self.disabled_tool_ids),
-        }
-        if self.model_id:
-            params["modelId"] = self.model_id
-        if self.system_prompt:
-            params["systemPrompt"] = self.system_prompt
-        if self.reasoning_effort:
-            params["reasoningEffort"] = self.reasoning_effort
-        return params
-
-
-class LineTooLong(ProtocolError):
-    pass
-
-
-class LineReader:
-    """Newline framing over a byte stream, each line at most ``max_bytes`` long."""
-
-    def __init__(self, stream: anyio.abc.ByteReceiveStream, max_bytes: int) -> None:
-        self._stream = stream
-        self._max = max_bytes
-        self._buffer = bytearray()
-        self._skipping = False
-
-    async def readline(self) -> bytes | None:
-        """The next line without its newline; None at EOF. Raises LineTooLong once per long line."""
-        while True:
-            index = self._buffer.find(b"\n")
-            if index >= 0:
-                line = bytes(self._buffer[:index])
-                del self._buffer[: index + 1]
-                if self._skipping:
-                    self._skipping = False
-                    continue
-                return line
-            if len(self._buffer) > self._max:
-                self._buffer.clear()
-                if not self._skipping:
-                    self._skipping = True
-                    raise LineTooLong(f"a line longer than {self._max} bytes")
-            try:
-                chunk = await self._stream.receive(65536)
-            except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
-                return None
-            self._buffer.extend(chunk)
-
-
-ParkPolicy = Callable[[PermissionAsked], bool]  # True: the turn answers this permission request itself
-
-
-class _Turn:
-    def __init__(self, park: ParkPolicy | None) -> None:
-        self.send, self.receive = anyio.create_memory_object_stream[TurnEvent](
-            TURN_EVENT_BUFFER
-        )
-        self.done = anyio.Event()
-        self.abandoned = False
-        self.park = park
-        self.completed: TurnCompleted | None = None  # droid's end of the turn, read or not
 
 
 _ids = itertools.count(1)
@@ -166,24 +78,19 @@ class Worker:
         self.created_at = time.monotonic()
         self.last_used = self.created_at
         self.available_models: list[dict[str, Any]] = []
-        self.exit_code: int | None = None
         self.rss = 0  # bytes, of the whole process group; measured by the pool
         self.session_dir: Path | None = None
         self.mcp_servers: list[dict[str, Any]] = []  # the servers droid was last given (load_session)
-        self._process: anyio.abc.Process | None = None
-        self._stderr: collections.deque[bytes] = collections.deque()
-        self._stderr_size = 0
+        self._process: DroidProcess | None = None
         self._write_lock = anyio.Lock()
         self._call_lock = anyio.Lock()
-        self._pending: dict[str, tuple[anyio.Event, list[Response]]] = {}
-        self._turn: _Turn | None = None
-        self._exited = anyio.Event()
+        self._pending = PendingCalls()
+        self._turn: TurnChannel | None = None
         self.on_exit: Callable[[Worker], None] | None = None
 
     def __repr__(self) -> str:
-        pid = self._process.pid if self._process else None
         session = f" session={self.session_id[:8]}" if self.session_id else ""
-        return f"<Worker #{self.id} {self.state.value} pid={pid} model={self.model_id}{session} turns={self.turns}>"
+        return f"<Worker #{self.id} {self.state.value} pid={self.pid} model={self.model_id}{session} turns={self.turns}>"
 
     @property
     def pid(self) -> int | None:
@@ -191,31 +98,26 @@ class Worker:
 
     @property
     def alive(self) -> bool:
-        return self._process is not None and not self._exited.is_set()
+        return self._process is not None and not self._process.exited.is_set()
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._process.exit_code if self._process else None
 
     def stderr_tail(self, limit: int = 2000) -> str:
-        return b"".join(self._stderr).decode("utf-8", "replace")[-limit:].strip()
+        return self._process.stderr_tail(limit) if self._process else ""
 
     # --- process lifecycle -------------------------------------------------------------------
 
     async def start(self, task_group: anyio.abc.TaskGroup) -> None:
         """Spawn droid in its own process group; its reader tasks join ``task_group``."""
         try:
-            self._process = await anyio.open_process(
-                list(self.spec.argv),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=self.spec.cwd,
-                env=dict(self.spec.env),
-                start_new_session=True,
-            )
+            self._process = await DroidProcess.spawn(self.spec)
         except OSError as exc:
             self.state = WorkerState.DEAD
-            self._exited.set()
             raise errors.Unavailable(f"cannot start droid ({self.spec.argv[0]}): {exc.strerror or exc}") from exc
-        task_group.start_soon(self._read_stdout)
-        task_group.start_soon(self._drain_stderr)
+        task_group.start_soon(self._read_stdout, self._process)
+        task_group.start_soon(self._process.drain_stderr)
         log.debug("worker.spawned", worker=self.id, pid=self._process.pid)
 
     async def initialize(self, settings: SessionSettings, timeout: float,
@@ -288,33 +190,13 @@ class Worker:
             self.state = WorkerState.DEAD
             return
         self.state = WorkerState.STOPPING
-        process = self._process
-        with anyio.CancelScope(shield=True):
-            if process.stdin is not None:
-                with anyio.move_on_after(0.5):
-                    await process.stdin.aclose()
-            with anyio.move_on_after(min(0.5, self.spec.stop_grace_s)):
-                await self._exited.wait()
-            if not self._exited.is_set():
-                self._signal_group(signal.SIGTERM)
-                with anyio.move_on_after(self.spec.stop_grace_s):
-                    await self._exited.wait()
-            # Tool subprocesses droid started may outlive it in the group: kill them too.
-            self._signal_group(signal.SIGKILL)
-            await self._exited.wait()
+        await self._process.stop()  # shielded from cancellation
         self.state = WorkerState.DEAD
 
     def kill(self) -> None:
         """Immediate SIGKILL of the group; the reader task reaps."""
-        self._signal_group(signal.SIGKILL)
-
-    def _signal_group(self, signum: int) -> None:
-        if self._process is None:
-            return
-        try:
-            os.killpg(self._process.pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
+        if self._process is not None:
+            self._process.signal_group(signal.SIGKILL)
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -324,30 +206,25 @@ class Worker:
             if not self.alive:
                 raise errors.WorkerCrashed(self._death_message())
             request_id = f"dp-{self.id}-{next(_ids)}"
-            done = anyio.Event()
-            box: list[Response] = []
-            self._pending[request_id] = (done, box)
-            try:
+            with self._pending.expect(request_id) as reply:
                 await self._write(encode_request(request_id, method, params))
-                # The reaper sets every pending event when the process exits.
+                # The reaper wakes every pending request when the process exits.
                 with anyio.move_on_after(timeout) as scope:
-                    await done.wait()
+                    await reply.arrived.wait()
                 if scope.cancelled_caught:
                     raise errors.DeadlineExceeded(f"droid did not answer {method} within {timeout:g} s")
-            finally:
-                self._pending.pop(request_id, None)
-            if not box:
+            response = reply.response
+            if response is None:
                 raise errors.WorkerCrashed(self._death_message())
-            response = box[0]
             if response.error is not None:
                 raise DroidRequestError(method, response.error)
             return response.result or {}
 
     async def _write(self, data: bytes) -> None:
-        assert self._process is not None and self._process.stdin is not None
+        assert self._process is not None
         async with self._write_lock:
             try:
-                await self._process.stdin.send(data)
+                await self._process.send(data)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 raise errors.WorkerCrashed(self._death_message()) from exc
 
@@ -369,14 +246,14 @@ class Worker:
         """
         if isinstance(message, str):
             message = UserMessage(message)
-        turn = _Turn(park)
+        turn = TurnChannel(park)
         self._turn = turn
         self.last_used = time.monotonic()
         try:
             self.used = True
             await self.call("droid.add_user_message", message.params())
             self.turns += 1
-            yield TurnStream(turn, self)
+            yield TurnStream(turn, self._death_message)
         finally:
             turn.abandoned = True
             turn.receive.close()
@@ -388,7 +265,7 @@ class Worker:
             self._turn = None
             self.last_used = time.monotonic()
 
-    async def _finish_turn(self, turn: _Turn, grace: float) -> None:
+    async def _finish_turn(self, turn: TurnChannel, grace: float) -> None:
         if turn.done.is_set() or not self.alive:
             return
         deadline = time.monotonic() + grace
@@ -408,13 +285,15 @@ class Worker:
         except (errors.DroidpoolError, DroidRequestError, TimeoutError):
             log.warning("worker.interrupt_failed_killing", worker=self.id)
             self.kill()
-            await self._exited.wait()
+            assert self._process is not None  # alive above
+            await self._process.exited.wait()
 
-    # --- readers -----------------------------------------------------------------------------
+    # --- reading droid's stdout --------------------------------------------------------------
 
-    async def _read_stdout(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
-        reader = LineReader(self._process.stdout, self.spec.max_line_bytes)
+    async def _read_stdout(self, process: DroidProcess) -> None:
+        # A task of the worker's own: it must not log under the request that happened to spawn it.
+        structlog.contextvars.clear_contextvars()
+        reader = LineReader(process.stdout, self.spec.max_line_bytes)
         try:
             while True:
                 try:
@@ -434,24 +313,17 @@ class Worker:
                 await self._dispatch(message)
         finally:
             with anyio.CancelScope(shield=True):
-                await self._reap()
+                await process.reap()
+                self._exited(process)
 
-    async def _reap(self) -> None:
-        assert self._process is not None
-        with anyio.move_on_after(self.spec.stop_grace_s + 2):
-            self.exit_code = await self._process.wait()
-        if self.exit_code is None:
-            self._signal_group(signal.SIGKILL)
-            self.exit_code = await self._process.wait()
-        self._signal_group(signal.SIGKILL)
-        self._exited.set()
+    def _exited(self, process: DroidProcess) -> None:
+        """The process is reaped: fail whatever still waits on it."""
         if self.state is not WorkerState.STOPPING:
-            log.warning("worker.exited", worker=self.id, pid=self._process.pid, code=self.exit_code, stderr=self.stderr_tail(300))
+            log.warning("worker.exited", worker=self.id, pid=process.pid, code=process.exit_code, stderr=self.stderr_tail(300))
         if self.on_exit is not None:
             self.on_exit(self)
         self.state = WorkerState.DEAD
-        for done, _ in self._pending.values():
-            done.set()
+        self._pending.abandon_all()
         turn = self._turn
         if turn is not None and not turn.done.is_set():
             # The consumer drains what was buffered, then sees the end of a turn that never
@@ -461,10 +333,7 @@ class Worker:
 
     async def _dispatch(self, message: Message) -> None:
         if isinstance(message, Response):
-            pending = self._pending.get(str(message.id))
-            if pending is not None and not pending[0].is_set():
-                pending[1].append(message)
-                pending[0].set()
+            self._pending.resolve(message)
             return
         if isinstance(message, ServerRequest):
             await self._answer(message)
@@ -515,52 +384,3 @@ class Worker:
             await self._write(encode_response(request.id, result))
         except errors.WorkerCrashed:
             pass
-
-    async def _drain_stderr(self) -> None:
-        assert self._process is not None and self._process.stderr is not None
-        try:
-            async for chunk in self._process.stderr:
-                self._stderr.append(chunk)
-                self._stderr_size += len(chunk)
-                while self._stderr_size > STDERR_KEEP_BYTES and len(self._stderr) > 1:
-                    self._stderr_size -= len(self._stderr.popleft())
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass
-
-
-class TurnStream:
-    """The events of one running turn, ending with TurnCompleted; a crash raises WorkerCrashed."""
-
-    def __init__(self, turn: _Turn, worker: Worker) -> None:
-        self._turn = turn
-        self._worker = worker
-        self._completed = False
-
-    def __aiter__(self) -> TurnStream:
-        return self
-
-    @property
-    def completed(self) -> TurnCompleted | None:
-        """How droid ended the turn, even when nobody read that far (an interrupted turn's usage)."""
-        return self._turn.completed
-
-    async def __anext__(self) -> TurnEvent:
-        if self._completed:
-            raise StopAsyncIteration
-        try:
-            event = await self._turn.receive.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            raise errors.WorkerCrashed(self._worker._death_message()) from None
-        if isinstance(event, TurnCompleted):
-            self._completed = True
-        return event
-
-
-class DroidRequestError(Exception):
-    """droid answered a request with a JSON-RPC error."""
-
-    def __init__(self, method: str, error: dict[str, Any]) -> None:
-        self.method = method
-        self.code = error.get("code")
-        self.droid_message = str(error.get("message", ""))
-        super().__init__(f"{method}: {self.droid_message} (code {self.code})")

@@ -13,13 +13,9 @@ import anyio.abc
 import structlog
 
 from droidpool import errors
-from droidpool.droid.worker import (
-    DroidRequestError,
-    LaunchSpec,
-    SessionSettings,
-    Worker,
-    WorkerState,
-)
+from droidpool.droid.rpc import DroidRequestError
+from droidpool.droid.spec import LaunchSpec, SessionSettings
+from droidpool.droid.worker import Worker, WorkerState
 
 from . import procfs
 from .policy import PoolPolicy, StopReason, WorkerView

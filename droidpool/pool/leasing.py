@@ -12,7 +12,8 @@ import structlog
 
 from droidpool import errors
 from droidpool.droid.minted import MintFailed
-from droidpool.droid.worker import DroidRequestError, Worker, WorkerState
+from droidpool.droid.rpc import DroidRequestError
+from droidpool.droid.worker import Worker, WorkerState
 
 from .fleet import Fleet, Setup
 from .modes import SessionModes

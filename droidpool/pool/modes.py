@@ -10,7 +10,8 @@ import structlog
 
 from droidpool.droid import minted
 from droidpool.droid.minted import MintFailed
-from droidpool.droid.worker import SessionSettings, Worker
+from droidpool.droid.spec import SessionSettings
+from droidpool.droid.worker import Worker
 
 from .fleet import Setup
 from .policy import SessionMode

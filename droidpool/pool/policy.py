@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from droidpool.config import PoolConfig
-from droidpool.droid.worker import SessionSettings, WorkerState
+from droidpool.droid.spec import SessionSettings
+from droidpool.droid.worker import WorkerState
 
 MB = 1024 * 1024
 

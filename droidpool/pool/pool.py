@@ -10,7 +10,8 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from droidpool.droid.worker import LaunchSpec, SessionSettings, Worker, WorkerState
+from droidpool.droid.spec import LaunchSpec, SessionSettings
+from droidpool.droid.worker import Worker, WorkerState
 
 from .fleet import Fleet, Setup, WorkerFactory
 from .leasing import Leases, Summary

@@ -9,7 +9,8 @@ import anyio.abc
 import structlog
 
 from droidpool import errors
-from droidpool.droid.worker import DroidRequestError, Worker, WorkerState
+from droidpool.droid.rpc import DroidRequestError
+from droidpool.droid.worker import Worker, WorkerState
 
 from .fleet import Fleet, Setup
 from .leasing import Leases

@@ -53,8 +53,8 @@ from typing import Any
 import anyio
 import orjson
 
+from droidpool.droid.lines import LineReader
 from droidpool.droid.protocol import Notification, TextDelta, TurnCompleted, parse_line, turn_event
-from droidpool.droid.worker import LineReader
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 SOURCE = FIXTURES / "rpc_client_tools_single.stdout.jsonl"

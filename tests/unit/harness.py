@@ -10,13 +10,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from droidpool.api.app import build_app
-from droidpool.api.browser import BrowserPolicy
-from droidpool.api.metrics import Metrics
 from droidpool.api.server import make_runner
 from droidpool.config import load
 from droidpool.core.access import Authenticator
-from droidpool.daemon.service import open_configured_pool, running_turns
+from droidpool.daemon.service import configured_app, open_configured_pool, running_turns
 from droidpool.droid.protocol import Usage
 from droidpool.droid.worker import LaunchSpec, Worker
 from droidpool.pool.pool import Pool
@@ -72,12 +69,7 @@ async def served(
         async with open_configured_pool(config, worker_factory=worker_factory or Worker) as pool:
             assert await pool.wait_warm(15)
             async with running_turns(config, pool, store) as turns:
-                app = build_app(turns, pool, store,
-                                max_body_bytes=config.server.max_body_bytes, keepalive_s=config.server.keepalive_s,
-                                body_timeout_s=config.server.body_timeout_s, auth=auth, metrics=Metrics(pool, turns),
-                                default_autonomy=config.droid.autonomy,
-                                browser_policy=BrowserPolicy.of(config.server.host, config.server.allowed_hosts,
-                                                                config.server.cors_origins))
+                app = configured_app(config, turns, auth or Authenticator([]))
                 async with TestClient(DaemonTestServer(app)) as client:
                     yield client, pool
     finally:

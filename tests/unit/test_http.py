@@ -281,7 +281,7 @@ async def test_spawn_failures_make_the_daemon_unready(tmp_path: Path) -> None:
         await store.open()
         async with open_configured_pool(config) as pool:
             assert not await pool.wait_warm(20)
-            app = build_app(build_turns(config, pool, store), pool, store, max_body_bytes=10000, keepalive_s=5)
+            app = build_app(build_turns(config, pool, store), max_body_bytes=10000, keepalive_s=5)
             async with TestClient(DaemonTestServer(app)) as client:
                 ready = await client.get("/readyz")
                 assert ready.status == 503

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 import time
@@ -12,8 +13,11 @@ from pathlib import Path
 
 import anyio
 import pytest
+import structlog
+from structlog.testing import LogCapture
 
 from droidpool import errors
+from droidpool.droid import worker as worker_module
 from droidpool.droid.launch import DROID_ARGS
 from droidpool.droid.protocol import TextDelta, TurnCompleted
 from droidpool.droid.worker import LaunchSpec, SessionSettings, Worker, WorkerState
@@ -163,3 +167,27 @@ async def test_a_session_is_named_at_init_so_droid_asks_no_title(tmp_path: Path)
     async with running(untitled):
         pass
     assert "droid.rename_session" not in (tmp_path / "b.log").read_text()
+
+
+
+async def test_a_workers_own_tasks_log_without_the_context_of_the_request_that_spawned_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The module's logger, capturing at every level whatever structlog was configured with before.
+    captured = LogCapture()
+    monkeypatch.setattr(worker_module, "log", structlog.wrap_logger(
+        structlog.PrintLogger(), processors=[structlog.contextvars.merge_contextvars, captured],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG)))
+    worker = Worker(spec(tmp_path, FAKE_DROID_FAIL_START="1"))  # exits at once: its reader logs worker.exited
+    exited = anyio.Event()
+    worker.on_exit = lambda _: exited.set()
+    async with anyio.create_task_group() as tg:
+        with structlog.contextvars.bound_contextvars(request_id="req-spawner"):
+            await worker.start(tg)
+            worker_module.log.info("request.line")
+            with anyio.fail_after(10):
+                await exited.wait()
+        await worker.stop()
+        tg.cancel_scope.cancel()
+    assert next(e for e in captured.entries if e["event"] == "request.line")["request_id"] == "req-spawner"
+    line = next(e for e in captured.entries if e["event"] == "worker.exited")
+    assert line["worker"] == worker.id and "request_id" not in line
