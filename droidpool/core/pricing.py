@@ -7,7 +7,7 @@ Standard tokens are what Factory's plans count: weighted tokens × the model's m
 Thinking tokens are not added: droid reports them as a part of the output (it copies OpenAI's
 ``reasoning_tokens``, which ``output_tokens`` already include; Anthropic counts thinking as
 output). droid's own per-turn estimate, ``factoryCredits``, weighs output and cache writes more
-(its formula is in the README); it is kept next to the standard tokens, never mixed with them.
+(its formula is in docs/droid-behaviour.md); it is kept next to the standard tokens, never mixed with them.
 """
 
 from __future__ import annotations
